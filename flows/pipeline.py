@@ -1,0 +1,59 @@
+"""The modelyard flow: plan shards, fan them out, commit one merged Parquet dataset.
+
+    modelyard run configs/demo.yaml          # or: python -m flows.pipeline configs/demo.yaml
+
+Every heavy step is plain Python in ``modelyard``; this file only says how Prefect runs it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger, runtime, tags
+from prefect.futures import wait
+
+from modelyard import pipeline
+from modelyard.models import open_models
+from modelyard.progress import TRACKER
+from tasks.shards import commit_output, plan_shards, process_shard
+
+
+def _run_name() -> str:
+    params = runtime.flow_run.parameters
+    job = params.get("config", "modelyard").rsplit("/", 1)[-1].removesuffix(".yaml").removesuffix(".yml")
+    date = (params.get("params") or {}).get("date")
+    return f"{job}-{date}" if date else job
+
+
+@flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
+def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int | None = None,
+                 output: str | None = None) -> dict:
+    """Run the pipeline of CONFIG once and return its manifest."""
+    started = time.time()
+    logger = get_run_logger()
+    scheduled = runtime.flow_run.scheduled_start_time
+    loaded = pipeline.load(config, params, output, scheduled)
+    prepared = pipeline.prepare(loaded, limit)
+    run_id = str(runtime.flow_run.id or "local")
+    cfg = loaded.config
+    with tags(f"job:{cfg.name}"), open_models(loaded) as (models, warnings):
+        for w in warnings:
+            logger.warning(w)
+        plan = plan_shards(prepared)
+        TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards))
+        job = pipeline.make_job(prepared, run_id, models)
+        logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(plan.shards),
+                    prepared.staging.root)
+        futures = [process_shard.with_options(task_run_name=f"shard-{i:05d}").submit(job, i)
+                   for i in range(len(plan.shards))]
+        wait(futures)
+        stats = [f.result() for f in futures]
+    manifest = commit_output(prepared, job, plan, stats, run_id, started)
+    logger.info("committed %d rows to %s", manifest["rows"], manifest["output"]["uri"])
+    return manifest
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_pipeline(sys.argv[1])

@@ -1,0 +1,45 @@
+"""Run a model server and make sure it dies with the orchestrator. Standard library only.
+
+Run with the engine environment's Python: ``python _launcher.py PARENT_PID -- CMD ARGS...``.
+It starts CMD in its own process group and stops that group (TERM, then KILL) when it is told
+to stop, or when the orchestrator that started it is gone, even after a SIGKILL of the
+orchestrator, which would otherwise leave a vLLM server holding memory and cores.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def main() -> int:
+    parent = int(sys.argv[1])
+    cmd = sys.argv[sys.argv.index("--") + 1 :]
+    child = subprocess.Popen(cmd, start_new_session=True)
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while child.poll() is None and not stopping:
+        if os.getppid() != parent:
+            break
+        time.sleep(0.5)
+    if child.poll() is None:
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        except ProcessLookupError:
+            pass
+    return child.returncode if child.returncode is not None and child.returncode >= 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

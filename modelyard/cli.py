@@ -1,0 +1,134 @@
+"""The `modelyard` command line (typer + rich).
+
+User errors print one message naming the file, key or value and exit 2; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from modelyard.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Multi-model batch LLM pipelines on Prefect and vLLM, with per-row lineage.")
+err = Console(stderr=True)
+out = Console()
+STATE = {"debug": False}
+
+
+def prefect_defaults() -> None:
+    """Settings this kind of machine needs before Prefect is imported (see ENV.md)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+
+@app.callback()
+def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    STATE["debug"] = debug
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(e: BaseException, code: int = 2) -> None:
+    if STATE["debug"]:
+        raise e
+    err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: Annotated[str, typer.Argument(help="Pipeline YAML.")],
+    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE for {KEY} placeholders.")] = [],  # noqa: B006
+    limit: Annotated[Optional[int], typer.Option(help="Process only the first N input rows.")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Write here instead of output.uri.")] = None,
+) -> None:
+    """Run the pipeline once and commit its output."""
+    from modelyard import pipeline
+    from modelyard.config import parse_params
+    from modelyard.progress import TRACKER, Display
+
+    prefect_defaults()
+    try:
+        params = parse_params(param)
+        loaded = pipeline.load(config, params, output)
+        pipeline.prepare(loaded, limit)  # every user error before Prefect starts
+    except UserError as e:
+        _fail(e)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.pipeline import run_pipeline
+
+    flow = run_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=loaded.config.parallel_shards))
+    try:
+        with Display(TRACKER, live=sys.stderr.isatty()):
+            manifest = flow(config=config, params=loaded.params, limit=limit, output=output)
+    except UserError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing was committed; finished shards are kept and a re-run resumes")
+        raise typer.Exit(130) from None
+    except Exception as e:  # a crash of ours or of Prefect: not the user's fault
+        if STATE["debug"]:
+            raise
+        err.print(f"[bold red]run failed:[/] {type(e).__name__}: {e}")
+        raise typer.Exit(1) from None
+    from modelyard.report import print_summary
+
+    print_summary(out, manifest)
+
+
+@app.command()
+def validate(
+    config: Annotated[str, typer.Argument(help="Pipeline YAML.")],
+    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE for {KEY} placeholders.")] = [],  # noqa: B006
+) -> None:
+    """Check the config without calling a model; exit 2 listing every problem."""
+    from modelyard import pipeline
+    from modelyard.config import parse_params
+    from modelyard.validate import check
+
+    try:
+        loaded = pipeline.load(config, parse_params(param), None)
+        problems = check(loaded)
+    except UserError as e:
+        _fail(e)
+    if problems:
+        err.print(f"[bold red]{config}: {len(problems)} problem(s)[/]")
+        for p in problems:
+            err.print(f"  - {p}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    cfg = loaded.config
+    out.print(f"{config}: OK ({len(cfg.stages)} stages, {len(cfg.models)} models)")
+
+
+@app.command()
+def inspect(
+    output: Annotated[str, typer.Argument(help="Output folder (or partition folder) holding _manifest.json.")],
+    row: Annotated[Optional[str], typer.Option("--row", help="Show this row's full provenance.")] = None,
+) -> None:
+    """Show the manifest, per-stage statistics, and one row's provenance."""
+    from modelyard.report import print_manifest, print_row
+
+    try:
+        if row is None:
+            print_manifest(out, output)
+        else:
+            print_row(out, output, row)
+    except UserError as e:
+        _fail(e)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The engine client: OpenAI-compatible HTTP to vLLM, bounded, spread over replicas, retried.
+
+One ``Dispatcher`` per process runs an asyncio loop in a background thread. Shard tasks (threads
+of Prefect's task runner) hand it coroutines, so the bound on requests in flight per endpoint
+holds across all shards of the process: the engine's batch stays full, never overfull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class RequestFailed(Exception):
+    """A request that failed for good (after retries); ``attempts`` says how many were made."""
+
+    def __init__(self, message: str, attempts: int = 1, status: int | None = None):
+        super().__init__(message)
+        self.attempts, self.status = attempts, status
+
+
+class _Transient(Exception):
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Endpoint:
+    url: str  # base URL ending in /v1
+    in_flight: int = 0
+    served: int = 0
+    down_until: float = 0.0
+    failures: int = 0
+
+
+@dataclass
+class Pool:
+    """The replicas of one model; requests go to the one with the fewest in flight."""
+
+    name: str
+    endpoints: list[Endpoint]
+    limit: int  # per endpoint
+    api_key_env: str | None = None
+    timeout: float = 300.0
+    retries: int = 3
+    _cond: asyncio.Condition | None = field(default=None, repr=False)
+
+    @property
+    def cond(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    def _pick(self) -> Endpoint | None:
+        now = time.monotonic()
+        free = [e for e in self.endpoints if e.in_flight < self.limit]
+        if not free:
+            return None
+        up = [e for e in free if e.down_until <= now]
+        if not up and any(e.down_until <= now for e in self.endpoints):
+            return None  # a healthy replica is busy: wait for it rather than hit a dead one
+        return min(up or free, key=lambda e: (e.in_flight, e.served))
+
+    @asynccontextmanager
+    async def slot(self):
+        async with self.cond:
+            ep = self._pick()
+            while ep is None:
+                try:
+                    await asyncio.wait_for(self.cond.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+                ep = self._pick()
+            ep.in_flight += 1
+        try:
+            yield ep
+        finally:
+            async with self.cond:
+                ep.in_flight -= 1
+                ep.served += 1
+                self.cond.notify()
+
+    def headers(self) -> dict[str, str]:
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+@dataclass
+class Reply:
+    body: dict[str, Any]
+    latency_ms: float
+    attempts: int
+    endpoint: str
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, (_Transient, httpx.TransportError))
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect to {url}: {exc or 'connection refused'}"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer from {url} in time ({type(exc).__name__})"
+    if isinstance(exc, httpx.TransportError):
+        return f"connection to {url} broke: {type(exc).__name__}: {exc}"
+    return str(exc)
+
+
+async def post(client: httpx.AsyncClient, pool: Pool, path: str, body: dict[str, Any]) -> Reply:
+    """POST to the least busy replica; retry transient failures with backoff."""
+    attempts = 0
+    last_url = pool.endpoints[0].url
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(pool.retries + 1),
+        wait=wait_exponential_jitter(initial=0.5, max=8.0),
+        retry=retry_if_exception(_transient),
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                attempts += 1
+                async with pool.slot() as ep:
+                    last_url = ep.url
+                    t0 = time.perf_counter()
+                    try:
+                        r = await client.post(ep.url + path, json=body, headers=pool.headers(), timeout=pool.timeout)
+                    except httpx.TransportError:
+                        ep.failures += 1
+                        ep.down_until = time.monotonic() + min(30.0, 0.5 * 2 ** ep.failures)
+                        raise
+                    ep.failures = 0
+                    latency = (time.perf_counter() - t0) * 1000
+                if r.status_code in TRANSIENT_STATUS:
+                    raise _Transient(f"{ep.url}{path} answered {r.status_code}: {r.text[:300]}", r.status_code)
+                if r.status_code >= 400:
+                    raise RequestFailed(f"{ep.url}{path} answered {r.status_code}: {_error_text(r)}",
+                                        attempts, r.status_code)
+                return Reply(r.json(), latency, attempts, ep.url)
+    except RequestFailed:
+        raise
+    except _Transient as e:
+        raise RequestFailed(f"{e} (after {attempts} attempts)", attempts, e.status) from None
+    except httpx.TransportError as e:
+        raise RequestFailed(f"{_describe(e, last_url)} (after {attempts} attempts)", attempts) from None
+    raise AssertionError("unreachable")
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        err = r.json()
+        if isinstance(err, dict):
+            e = err.get("error", err)
+            return str(e.get("message", e) if isinstance(e, dict) else e)[:500]
+    except ValueError:
+        pass
+    return r.text[:500]
+
+
+class Dispatcher:
+    """An event loop in a daemon thread shared by every shard of this process."""
+
+    _lock = threading.Lock()
+    _instance: Dispatcher | None = None
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="modelyard-dispatcher", daemon=True)
+        self.thread.start()
+        self.pools: dict[tuple, Pool] = {}
+        self._client: httpx.AsyncClient | None = None
+
+    @classmethod
+    def get(cls) -> Dispatcher:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = Dispatcher()
+            return cls._instance
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:  # created on the loop's thread
+            self._client = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+                timeout=httpx.Timeout(300.0, connect=10.0),
+            )
+        return self._client
+
+    def pool(self, name: str, urls: list[str], limit: int, api_key_env: str | None, timeout: float, retries: int) -> Pool:
+        key = (name, tuple(urls), limit, api_key_env, timeout, retries)
+        with self._lock:
+            if key not in self.pools:
+                self.pools[key] = Pool(name, [Endpoint(u.rstrip("/")) for u in urls], limit, api_key_env, timeout, retries)
+            return self.pools[key]
+
+    def run(self, coro: Coroutine) -> Any:
+        """Run a coroutine on the dispatcher loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()

@@ -1,0 +1,148 @@
+"""Merge finished shards into well-sized parts and commit the output atomically.
+
+The commit is assembled in the job's staging folder: parts (whole shards, in input order, rolled
+over at ``output.target_file_mb``), ``_errors.parquet``, ``_lineage/`` and ``_manifest.json``
+last. Then the folder is renamed into place (the previous version moved aside first), so a reader
+sees the old output or the new one, never a part of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from modelyard.lineage import ERRORS_SCHEMA
+from modelyard.staging import Staging, write_bytes_atomic
+
+MANIFEST = "_manifest.json"
+ERRORS = "_errors.parquet"
+
+
+def target_uri(output_uri: str, partition: str | None) -> str:
+    base = output_uri.rstrip("/")
+    return f"{base}/{partition.strip('/')}" if partition else base
+
+
+class _Parts:
+    """Writes tables into part-NNNNN.parquet files of about ``target_bytes`` each."""
+
+    def __init__(self, staging: Staging, folder: str, schema: pa.Schema, target_bytes: float, compression: str):
+        self.staging, self.folder, self.schema = staging, folder, schema
+        self.target, self.compression = target_bytes, compression
+        self.files: list[dict[str, Any]] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.fh = None
+        self.rows = 0
+        self.bytes_in = 0
+
+    def add(self, table: pa.Table, approx_bytes: int) -> None:
+        if self.writer is None:
+            name = f"part-{len(self.files):05d}.parquet"
+            self.fh = self.staging.fs.open(posixpath.join(self.folder, name), "wb")
+            self.writer = pq.ParquetWriter(self.fh, self.schema, compression=self.compression)
+            self.files.append({"path": name, "rows": 0})
+        self.writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
+        self.files[-1]["rows"] += table.num_rows
+        self.bytes_in += approx_bytes
+        if self.bytes_in >= self.target:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.fh.close()
+            self.writer = self.fh = None
+            self.bytes_in = 0
+
+
+def _sha256(fs, path: str) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def merge(staging: Staging, shard_ids: list[int], schema: pa.Schema, stage_names: list[str], *,
+          target_file_mb: float, compression: str, lineage_meta: dict) -> dict[str, Any]:
+    """Build the commit folder from the shard results; returns files, error count and stage stats."""
+    fs = staging.fs
+    folder = staging.path("commit")
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+    fs.makedirs(folder, exist_ok=True)
+    schema = schema.with_metadata({"modelyard": json.dumps(lineage_meta, sort_keys=True)})
+    parts = _Parts(staging, folder, schema, target_file_mb * 1e6, compression)
+    latencies: dict[str, list[pa.Array]] = {s: [] for s in stage_names}
+    err_writer = None
+    err_rows = 0
+    with fs.open(posixpath.join(folder, ERRORS), "wb") as efh:
+        err_writer = pq.ParquetWriter(efh, ERRORS_SCHEMA, compression=compression)
+        for i in shard_ids:
+            path = staging.result_shard(i)
+            with fs.open(path, "rb") as fh:
+                table = pq.read_table(fh)
+            lin = table.column("_lineage")
+            for s in stage_names:
+                col = pc.struct_field(lin, [s, "latency_ms"])
+                latencies[s].append(col.drop_null() if hasattr(col, "drop_null") else pc.drop_null(col))
+            parts.add(table, fs.size(path))
+            with fs.open(staging.errors_shard(i), "rb") as fh:
+                errs = pq.read_table(fh)
+            if errs.num_rows:
+                err_writer.write_table(errs)
+                err_rows += errs.num_rows
+        err_writer.close()
+    parts.close()
+    for f in parts.files:
+        f["sha256"], f["bytes"] = _sha256(fs, posixpath.join(folder, f["path"]))
+    lat = {}
+    for s, chunks in latencies.items():
+        arr = pa.chunked_array(chunks, pa.float64()) if chunks else pa.chunked_array([], pa.float64())
+        if len(arr):
+            q = pc.quantile(arr, q=[0.5, 0.95]).to_pylist()
+            lat[s] = {"latency_ms_p50": round(q[0], 3), "latency_ms_p95": round(q[1], 3)}
+        else:
+            lat[s] = {"latency_ms_p50": None, "latency_ms_p95": None}
+    return {"folder": folder, "files": parts.files, "errors": {"path": ERRORS, "rows": err_rows}, "latency": lat}
+
+
+def write_manifest(staging: Staging, manifest: dict[str, Any]) -> None:
+    write_bytes_atomic(staging.fs, posixpath.join(staging.path("commit"), MANIFEST),
+                       json.dumps(manifest, indent=2, default=str).encode())
+
+
+def swap_in(staging: Staging, target: str) -> None:
+    """Rename the commit folder over ``target``, moving the previous version aside first."""
+    fs = staging.fs
+    _, tpath = _split(target)
+    new = staging.path("commit")
+    old = staging.path(f"previous-{int(time.time() * 1000)}")
+    fs.makedirs(posixpath.dirname(tpath.rstrip("/")), exist_ok=True)
+    if fs.exists(tpath):
+        fs.mv(tpath, old, recursive=True)
+    fs.mv(new, tpath, recursive=True)
+    if fs.exists(old):
+        fs.rm(old, recursive=True)
+
+
+def _split(uri: str):
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(uri)
+
+
+def read_manifest(output: str) -> dict[str, Any] | None:
+    fs, path = _split(output)
+    p = posixpath.join(path.rstrip("/"), MANIFEST)
+    if not fs.exists(p):
+        return None
+    return json.loads(fs.cat_file(p))

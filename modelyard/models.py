@@ -1,0 +1,106 @@
+"""Bring up every model a config names and learn what lineage needs about it.
+
+``open_models`` starts managed servers (side by side), then asks each model's endpoints what they
+serve (``/v1/models``), their engine version (``/version``) and, for embedding models, the
+dimension. An unreachable external endpoint is reported, not fatal: its rows become error rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from modelyard.config import LoadedConfig, ModelConfig
+from modelyard.errors import EngineError
+from modelyard.serving import REGISTRY, Server, engine_python, resolve_model
+from modelyard.shard import ModelRuntime
+
+log = logging.getLogger("modelyard")
+
+
+def _headers(m: ModelConfig) -> dict[str, str]:
+    import os
+
+    key = os.environ.get(m.api_key_env) if m.api_key_env else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def probe(name: str, m: ModelConfig, endpoints: list[str], served_name: str, revision: str) -> tuple[ModelRuntime, list[str]]:
+    """Ask the endpoints about the model; returns the runtime and warnings for unreachable ones."""
+    warnings, version, dims, reached = [], "unknown", None, False
+    for url in endpoints:
+        base = url.rstrip("/")
+        try:
+            r = httpx.get(base + "/models", headers=_headers(m), timeout=10)
+            r.raise_for_status()
+            served = [d.get("id") for d in r.json().get("data", [])]
+            if served_name not in served:
+                raise EngineError(f"models.{name}: endpoint {url} does not serve {served_name!r}; "
+                                  f"it serves {', '.join(map(str, served)) or 'nothing'}")
+            reached = True
+            root = base[: -len("/v1")] if base.endswith("/v1") else base
+            try:
+                version = httpx.get(root + "/version", timeout=10).json().get("version", version)
+            except (httpx.HTTPError, ValueError):
+                pass
+            if m.task == "embed" and dims is None:
+                e = httpx.post(base + "/embeddings", json={"model": served_name, "input": "dimension probe"},
+                               headers=_headers(m), timeout=m.timeout)
+                e.raise_for_status()
+                dims = len(e.json()["data"][0]["embedding"])
+        except httpx.HTTPStatusError as e:
+            warnings.append(f"models.{name}: endpoint {url} answered {e.response.status_code}: {e.response.text[:200]}")
+        except httpx.HTTPError as e:
+            warnings.append(f"models.{name}: cannot reach endpoint {url} ({type(e).__name__}: {e}); "
+                            "its requests will be retried and may become error rows")
+    if m.task == "embed" and dims is None:
+        raise EngineError(f"models.{name}: no endpoint answered an embedding request, so its dimension is "
+                          f"unknown: {'; '.join(warnings)}")
+    if not reached:
+        log.warning("models.%s: no endpoint reachable at start", name)
+    rt = ModelRuntime(name=name, model_id=m.model, served_name=served_name, endpoints=list(endpoints),
+                      revision=m.revision or revision, engine_version=version, dimensions=dims)
+    return rt, warnings
+
+
+@contextmanager
+def open_models(loaded: LoadedConfig, only: set[str] | None = None) -> Iterator[tuple[dict[str, ModelRuntime], list[str]]]:
+    """Start managed models, probe all; stop the managed ones on exit (also on error or Ctrl-C)."""
+    cfg = loaded.config
+    names = [n for n in cfg.models if only is None or n in only]
+    managed = [n for n in names if cfg.models[n].managed]
+    servers: dict[str, Server] = {}
+    try:
+        if managed:
+            with ThreadPoolExecutor(max_workers=len(managed)) as ex:
+                futs = {n: ex.submit(REGISTRY.acquire, n, cfg.models[n], cfg.engine, loaded.base_dir) for n in managed}
+                errors = []
+                for n, f in futs.items():
+                    try:
+                        servers[n] = f.result()
+                    except EngineError as e:
+                        errors.append(f"models.{n}: {e}")
+                if errors:
+                    raise EngineError("; ".join(errors))
+        runtimes, warnings = {}, []
+        python = engine_python(cfg.engine, loaded.base_dir) if managed else None
+        for n in names:
+            m = cfg.models[n]
+            if n in servers:
+                _, revision = resolve_model(m.model, python)
+                eps, served = [servers[n].url], servers[n].served_name
+            else:
+                p = Path(m.model)
+                revision = m.revision or ("local" if p.is_dir() else "unpinned")
+                eps, served = list(m.endpoints or []), m.model
+            runtimes[n], w = probe(n, m, eps, served, revision)
+            warnings += w
+        yield runtimes, warnings
+    finally:
+        for s in servers.values():
+            REGISTRY.release(s)

@@ -1,0 +1,146 @@
+"""The plain steps of a run that the Prefect flow strings together: prepare, then commit.
+
+Kept free of Prefect so that each step can be tested by itself; ``flows/pipeline.py`` only adds
+tasks, names, retries and fan-out around them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from modelyard import __version__
+from modelyard.commit import merge, swap_in, target_uri, write_manifest
+from modelyard.config import LoadedConfig, load_config
+from modelyard.plan import Plan, build_plan, input_files
+from modelyard.shard import Job, ModelRuntime
+from modelyard.staging import Staging, job_key
+from modelyard.validate import check
+
+log = logging.getLogger("modelyard")
+
+
+@dataclass
+class Prepared:
+    loaded: LoadedConfig
+    key: str
+    staging: Staging
+    files: tuple
+    limit: int | None
+
+
+def load(config: str, params: dict[str, str] | None, output: str | None, scheduled: dt.datetime | None = None) -> LoadedConfig:
+    """Load a config; ``date`` defaults to the (scheduled) run date, ``--output`` overrides output.uri."""
+    params = dict(params or {})
+    params.setdefault("date", (scheduled or dt.datetime.now(dt.timezone.utc)).date().isoformat())
+    loaded = load_config(config, params)
+    if output:
+        loaded.config.output.uri = output
+    return loaded
+
+
+def prepare(loaded: LoadedConfig, limit: int | None = None) -> Prepared:
+    """Check the config against the input (no model called) and find the job's staging folder."""
+    check(loaded, raise_on_error=True)
+    files = input_files(loaded.config.input)
+    key = job_key(loaded.sha256, loaded.params, files[2], limit)
+    return Prepared(loaded, key, Staging.for_job(loaded.config.output.uri, key), files, limit)
+
+
+def plan(p: Prepared) -> Plan:
+    """The job's shards: found from an earlier attempt of the same job, or built now."""
+    existing = Plan.load(p.staging)
+    if existing is not None:
+        log.info("resuming job %s: %d shards planned earlier", p.key, len(existing.shards))
+        return existing
+    return build_plan(p.loaded.config.input, p.loaded.config.shard_rows, p.staging, p.limit, p.files)
+
+
+def make_job(p: Prepared, run_id: str, models: dict[str, ModelRuntime]) -> Job:
+    return Job(config=p.loaded.config, base_dir=str(p.loaded.base_dir), job_key=p.key,
+               output_root=p.loaded.config.output.uri, run_id=run_id, models=models)
+
+
+def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: str, started: float,
+           events: list[dict] | None = None) -> dict[str, Any]:
+    """Merge the shards, write the manifest last, and swap the output into place."""
+    cfg = p.loaded.config
+    stages = job.stages()
+    import pyarrow.parquet as pq
+
+    with p.staging.fs.open(p.staging.input_shard(0), "rb") as fh:
+        input_schema = pq.read_schema(fh)
+    schema = job.schema(input_schema)
+    lineage_meta = lineage_summary(p, job, run_id)
+    merged = merge(p.staging, list(range(len(plan.shards))), schema, [s.name for s in stages],
+                   target_file_mb=cfg.output.target_file_mb, compression=cfg.output.compression,
+                   lineage_meta=lineage_meta)
+    t_first = min((s["started"] for s in shard_stats), default=started)
+    t_last = max((s["finished"] for s in shard_stats), default=time.time())
+    wall = max(t_last - t_first, 1e-9)
+    stage_stats = {}
+    for st in stages:
+        agg: dict[str, int] = {}
+        for s in shard_stats:
+            for k, v in s["stages"][st.name].items():
+                agg[k] = agg.get(k, 0) + v
+        ran = agg["rows"] - agg["skipped"]
+        stage_stats[st.name] = {
+            **lineage_meta["stages"][st.name], **agg, "ran": ran, **merged["latency"][st.name],
+            "rows_per_s": round(ran / wall, 3),
+            "tokens_per_s": round((agg["prompt_tokens"] + agg["completion_tokens"]) / wall, 3),
+        }
+    target = target_uri(cfg.output.uri, cfg.output.partition)
+    manifest = {
+        **lineage_meta,
+        "rows": plan.rows,
+        "output": {"uri": target, "dataset": cfg.output.uri, "partition": cfg.output.partition},
+        "input": {"uri": cfg.input.uri, "format": cfg.input.format, "key": cfg.input.key,
+                  "fingerprint": plan.fingerprint, "files": plan.files, "rows": plan.rows,
+                  "shards": len(plan.shards), "shard_rows": cfg.shard_rows},
+        "stages": stage_stats,
+        "files": merged["files"],
+        "errors": merged["errors"],
+        "timing": {"started": _iso(started), "committed": _iso(time.time()), "wall_s": round(time.time() - started, 3),
+                   "processing_s": round(wall, 3)},
+    }
+    if events is not None:
+        from modelyard.openlineage import write_events
+
+        write_events(p.staging, events)
+    write_manifest(p.staging, manifest)
+    swap_in(p.staging, target)
+    p.staging.fs.rm(p.staging.root, recursive=True)
+    return manifest
+
+
+def lineage_summary(p: Prepared, job: Job, run_id: str) -> dict[str, Any]:
+    """What every part's key-value metadata and the manifest say about the run's lineage."""
+    loaded = p.loaded
+    models = {n: {"model": rt.model_id, "served_name": rt.served_name, "revision": rt.revision,
+                  "engine_version": rt.engine_version, "task": loaded.config.models[n].task,
+                  "managed": loaded.config.models[n].managed,
+                  "endpoints": [] if loaded.config.models[n].managed else rt.endpoints,
+                  "dimensions": rt.dimensions}
+              for n, rt in job.models.items()}
+    stages = {}
+    for st in job.stages():
+        stages[st.name] = {
+            "model": st.cfg.model, "output": st.cfg.output, "kind": "embed" if st.embed else (st.cfg.constraint or "text"),
+            "when": st.cfg.when, "prompt_sha256": st.prompt_sha256, "prompt": st.source,
+            "system": st.system.source if st.system else None, "params_sha256": st.params_sha256,
+            "params": st.cfg.params, "constraint": st.constraint_body(), "reads": sorted(st.reads),
+        }
+    return {
+        "format": "modelyard.manifest/1", "modelyard_version": __version__, "run_id": run_id,
+        "job": loaded.config.name, "job_key": p.key,
+        "config": {"path": loaded.path, "sha256": loaded.sha256, "text": loaded.text},
+        "params": loaded.params, "models": models, "stages": stages,
+    }
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat()

@@ -1,0 +1,226 @@
+"""Process one shard: read its rows, run every stage on every row, write the result.
+
+Rows move through the stages independently (row A can be in stage 2 while row B waits on stage
+1), so stages on different models overlap. A row whose stage fails becomes an error row; the
+shard never crashes for one row. The shard's files are written first and its ``done.json``
+record last, so a shard is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from modelyard.client import Dispatcher, Pool, RequestFailed, post
+from modelyard.config import PipelineConfig
+from modelyard.lineage import ERRORS_SCHEMA, lineage_type, new_record, output_schema
+from modelyard.progress import TRACKER, Tracker
+from modelyard.stages import OutputInvalid, Stage
+from modelyard.staging import Staging, tmp_name
+from modelyard.templates import RenderError
+
+
+@dataclass
+class ModelRuntime:
+    """What a worker needs to reach one model: picklable, no secrets (keys stay in the env)."""
+
+    name: str
+    model_id: str
+    served_name: str
+    endpoints: list[str]
+    revision: str
+    engine_version: str
+    dimensions: int | None = None
+
+
+@dataclass
+class Job:
+    """Everything a shard task needs, passed by value to whichever worker runs it."""
+
+    config: PipelineConfig
+    base_dir: str
+    job_key: str
+    output_root: str
+    run_id: str
+    models: dict[str, ModelRuntime]
+    _stages: list[Stage] | None = field(default=None, repr=False, compare=False)
+
+    def staging(self) -> Staging:
+        return Staging.for_job(self.output_root, self.job_key)
+
+    def stages(self) -> list[Stage]:
+        if self._stages is None:
+            self._stages = [
+                Stage(s, self.config.models[s.model], self.models[s.model].served_name, Path(self.base_dir),
+                      self.models[s.model].dimensions)
+                for s in self.config.stages
+            ]
+        return self._stages
+
+    def pools(self) -> dict[str, Pool]:
+        d = Dispatcher.get()
+        out = {}
+        for name, rt in self.models.items():
+            m = self.config.models[name]
+            out[name] = d.pool(name, rt.endpoints, m.in_flight, m.api_key_env, m.timeout, m.retries)
+        return out
+
+    def schema(self, input_schema: pa.Schema) -> pa.Schema:
+        st = self.stages()
+        return output_schema(input_schema, [(s.cfg.output, s.arrow_type) for s in st], [s.name for s in st])
+
+
+def run_shard(job: Job, shard_id: int, tracker: Tracker = TRACKER) -> dict[str, Any]:
+    """Run one shard to completion unless it is already done; returns its statistics."""
+    staging = job.staging()
+    done = staging.stats_shard(shard_id)
+    if staging.fs.exists(done):
+        stats = staging.read_json(done)
+        for name, s in stats["stages"].items():
+            tracker.add(name, s)
+        tracker.shard_done()
+        return stats
+    with staging.fs.open(staging.input_shard(shard_id), "rb") as fh:
+        table = pq.read_table(fh)
+    rows = table.drop_columns(["_source"]).to_pylist()
+    stages, pools = job.stages(), job.pools()
+    dispatcher = Dispatcher.get()
+    t0 = time.time()
+    results = dispatcher.run(_run_rows(dispatcher, stages, pools, job, rows, tracker))
+    out, errors = _tables(job, stages, table, results)
+    _write(staging, staging.result_shard(shard_id), out)
+    _write(staging, staging.errors_shard(shard_id), errors)
+    stats = {"shard": shard_id, "rows": table.num_rows, "errors": errors.num_rows, "started": t0,
+             "finished": time.time(), "stages": _shard_stats(stages, results)}
+    staging.write_json(done, stats)
+    tracker.shard_done()
+    return stats
+
+
+def _write(staging: Staging, path: str, table: pa.Table) -> None:
+    fs = staging.fs
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = tmp_name(path)
+    with fs.open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+    fs.mv(tmp, path)
+
+
+async def _run_rows(dispatcher: Dispatcher, stages: list[Stage], pools: dict[str, Pool], job: Job,
+                    rows: list[dict], tracker: Tracker) -> list[tuple[dict, dict, list]]:
+    client = dispatcher.client
+    return await asyncio.gather(*(_run_row(client, stages, pools, job, row, tracker) for row in rows))
+
+
+async def _run_row(client, stages: list[Stage], pools: dict[str, Pool], job: Job, row: dict,
+                   tracker: Tracker) -> tuple[dict, dict, list]:
+    """All stages on one row: (outputs, lineage by stage, error records)."""
+    outputs: dict[str, Any] = {}
+    lineage: dict[str, dict] = {}
+    errors: list[dict] = []
+    failed: set[str] = set()
+    for st in stages:
+        rt = job.models[st.cfg.model]
+        rec = lineage[st.name] = new_record(st, rt)
+        out = st.cfg.output
+        outputs[out] = None
+        upstream = st.reads & failed
+        if upstream:
+            rec["error"] = f"not run: upstream output(s) {', '.join(sorted(upstream))} failed"
+            failed.add(out)
+            tracker.record(st.name, error=True)
+            continue
+        try:
+            if st.condition is not None and not st.condition(row):
+                rec["skipped"] = True
+                tracker.record(st.name, skipped=True)
+                continue
+            path, body = st.request(row)
+        except RenderError as e:
+            _fail(rec, errors, st, str(e), None)
+            failed.add(out)
+            tracker.record(st.name, error=True)
+            continue
+        raw = None
+        try:
+            reply = await post(client, pools[st.cfg.model], path, body)
+            rec.update(attempts=reply.attempts, latency_ms=round(reply.latency_ms, 3), endpoint=reply.endpoint)
+            try:
+                value, facts = st.parse(reply.body)
+            except OutputInvalid as e:
+                facts, raw = _facts(reply.body), e.raw
+                rec.update(facts)
+                raise
+            except (KeyError, IndexError, TypeError) as e:
+                raise OutputInvalid(f"malformed reply from the server: {type(e).__name__}: {e}", str(reply.body)[:2000]) from None
+            rec.update(facts)
+            outputs[out] = row[out] = value
+            tracker.record(st.name, prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["completion_tokens"])
+        except RequestFailed as e:
+            rec["attempts"] = e.attempts
+            _fail(rec, errors, st, str(e), None)
+            failed.add(out)
+            tracker.record(st.name, error=True)
+        except OutputInvalid as e:
+            _fail(rec, errors, st, str(e), raw)
+            failed.add(out)
+            tracker.record(st.name, error=True, prompt_tokens=rec["prompt_tokens"],
+                           completion_tokens=rec["completion_tokens"])
+    return outputs, lineage, errors
+
+
+def _facts(body: dict) -> dict:
+    usage = body.get("usage") or {}
+    ch = (body.get("choices") or [{}])[0]
+    return {"prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "finish_reason": ch.get("finish_reason")}
+
+
+def _fail(rec: dict, errors: list, st: Stage, message: str, raw: str | None) -> None:
+    rec["error"] = message
+    errors.append({"stage": st.name, "error": message, "raw": raw, "finish_reason": rec.get("finish_reason"),
+                   "attempts": rec.get("attempts", 0)})
+
+
+def _tables(job: Job, stages: list[Stage], table: pa.Table, results: list) -> tuple[pa.Table, pa.Table]:
+    schema = job.schema(table.schema)
+    cols: dict[str, Any] = {n: table.column(n) for n in table.schema.names}
+    for st in stages:
+        values = [r[0][st.cfg.output] for r in results]
+        if pa.types.is_dictionary(st.arrow_type):
+            cols[st.cfg.output] = pa.array(values, pa.string()).dictionary_encode()
+        else:
+            cols[st.cfg.output] = pa.array(values, st.arrow_type)
+    n = table.num_rows
+    cols["_run_id"] = pa.array([job.run_id] * n, pa.string())
+    ltype = lineage_type([s.name for s in stages])
+    cols["_lineage"] = pa.array([r[1] for r in results], ltype)
+    out = pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
+    keys = table.column("_row_key").to_pylist()
+    sources = table.column("_source").to_pylist()
+    err_rows = [
+        {**e, "_row_key": keys[i], "_source": sources[i], "_run_id": job.run_id}
+        for i, r in enumerate(results) for e in r[2]
+    ]
+    return out, pa.Table.from_pylist(err_rows, schema=ERRORS_SCHEMA)
+
+
+def _shard_stats(stages: list[Stage], results: list) -> dict[str, dict]:
+    stats = {}
+    for st in stages:
+        recs = [r[1][st.name] for r in results]
+        stats[st.name] = {
+            "rows": len(recs),
+            "skipped": sum(1 for x in recs if x["skipped"]),
+            "errors": sum(1 for x in recs if x["error"]),
+            "cached": sum(1 for x in recs if x["cached"]),
+            "prompt_tokens": sum(x["prompt_tokens"] or 0 for x in recs),
+            "completion_tokens": sum(x["completion_tokens"] or 0 for x in recs),
+        }
+    return stats

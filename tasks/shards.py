@@ -1,0 +1,33 @@
+"""Prefect tasks around the plain shard logic: thin on purpose.
+
+Tasks receive paths and small picklable specs, never dataframes. Caching is off: a shard's own
+``done.json`` record is what makes a re-run skip it, whichever runner executed it.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from modelyard import pipeline
+from modelyard.plan import Plan
+from modelyard.shard import Job, run_shard
+
+
+@task(name="plan-shards", cache_policy=NO_CACHE)
+def plan_shards(prepared: pipeline.Prepared) -> Plan:
+    """Split the input into shard files (or find them from an earlier attempt)."""
+    return pipeline.plan(prepared)
+
+
+@task(name="shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def process_shard(job: Job, shard_id: int) -> dict:
+    """Run every stage on one shard and write its result files."""
+    return run_shard(job, shard_id)
+
+
+@task(name="commit", cache_policy=NO_CACHE)
+def commit_output(prepared: pipeline.Prepared, job: Job, plan: Plan, stats: list[dict], run_id: str,
+                  started: float) -> dict:
+    """Merge the shards into parts, write the manifest last, swap the output into place."""
+    return pipeline.commit(prepared, job, plan, stats, run_id, started)
