@@ -36,10 +36,10 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     prepared = pipeline.prepare(loaded, limit)
     run_id = str(runtime.flow_run.id or "local")
     cfg = loaded.config
+    plan = plan_shards(prepared)  # before any server starts: input errors surface in seconds
     with tags(f"job:{cfg.name}"), open_models(loaded) as (models, warnings):
         for w in warnings:
             logger.warning(w)
-        plan = plan_shards(prepared)
         TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards))
         job = pipeline.make_job(prepared, run_id, models)
         logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(plan.shards),

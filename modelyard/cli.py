@@ -33,7 +33,24 @@ def prefect_defaults() -> None:
 @app.callback()
 def main_options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
     STATE["debug"] = debug
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("modelyard").setLevel(logging.INFO)
+
+
+class _NoUserTracebacks(logging.Filter):
+    """Prefect logs a failed task's traceback; for a user's mistake the message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, UserError) and not STATE["debug"]:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_tracebacks() -> None:
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoUserTracebacks) for f in h.filters):
+            h.addFilter(_NoUserTracebacks())
 
 
 def _fail(e: BaseException, code: int = 2) -> None:
@@ -66,6 +83,7 @@ def run(
 
     from flows.pipeline import run_pipeline
 
+    quiet_user_tracebacks()
     flow = run_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=loaded.config.parallel_shards))
     try:
         with Display(TRACKER, live=sys.stderr.isatty()):
@@ -101,7 +119,7 @@ def validate(
     except UserError as e:
         _fail(e)
     if problems:
-        err.print(f"[bold red]{config}: {len(problems)} problem(s)[/]")
+        err.print(f"[bold red]{config}: {len(problems)} problem(s)[/]", soft_wrap=True)
         for p in problems:
             err.print(f"  - {p}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)

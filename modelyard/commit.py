@@ -22,7 +22,8 @@ from modelyard.lineage import ERRORS_SCHEMA
 from modelyard.staging import Staging, write_bytes_atomic
 
 MANIFEST = "_manifest.json"
-ERRORS = "_errors.parquet"
+# In a folder of its own: a `*.parquet` glob over the output (DuckDB, datasets) must match parts only.
+ERRORS = "_errors/errors.parquet"
 
 
 def target_uri(output_uri: str, partition: str | None) -> str:
@@ -84,6 +85,7 @@ def merge(staging: Staging, shard_ids: list[int], schema: pa.Schema, stage_names
     latencies: dict[str, list[pa.Array]] = {s: [] for s in stage_names}
     err_writer = None
     err_rows = 0
+    fs.makedirs(posixpath.join(folder, posixpath.dirname(ERRORS)), exist_ok=True)
     with fs.open(posixpath.join(folder, ERRORS), "wb") as efh:
         err_writer = pq.ParquetWriter(efh, ERRORS_SCHEMA, compression=compression)
         for i in shard_ids:

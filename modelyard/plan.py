@@ -151,12 +151,44 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, f: SourceFile) -> pa.Reco
             f"{f.uri}: columns differ from the first input file"
             + (f"; missing: {', '.join(missing)}" if missing else "")
             + (f"; extra: {', '.join(extra)}" if extra else ""))
-    try:
-        return batch.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        diff = [f"{n}: {batch.schema.field(n).type} vs {schema.field(n).type}"
-                for n in schema.names if batch.schema.field(n).type != schema.field(n).type]
-        raise InputError(f"{f.uri}: column types differ from the first input file ({'; '.join(diff)})") from None
+    batch = batch.select(schema.names)
+    # text formats infer types per file: any value may become text there, as it was text to begin with
+    inferred = f.format in ("csv", "jsonl")
+    diff = [f"{n}: {batch.schema.field(n).type} vs {schema.field(n).type}" for n in schema.names
+            if not _widens(batch.schema.field(n).type, schema.field(n).type, inferred)]
+    if not diff:
+        try:
+            return batch.cast(schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            diff = [str(e)]  # e.g. an integer too large for the first file's type
+    raise InputError(f"{f.uri}: column types differ from the first input file ({'; '.join(diff)})")
+
+
+def _widens(src: pa.DataType, dst: pa.DataType, to_text: bool) -> bool:
+    """Whether a later file's column type may be cast to the first file's without changing its meaning
+    (a wider integer or float, another string or binary layout, a column of nulls ...)."""
+    t = pa.types
+    if src == dst or t.is_null(src):
+        return True
+    if t.is_dictionary(src) or t.is_dictionary(dst):
+        return _widens(src.value_type if t.is_dictionary(src) else src,
+                       dst.value_type if t.is_dictionary(dst) else dst, to_text)
+    if (t.is_string(dst) or t.is_large_string(dst)) and (to_text or t.is_string(src) or t.is_large_string(src)):
+        return not t.is_nested(src)
+    if t.is_integer(src):
+        return t.is_integer(dst) or t.is_floating(dst)  # the cast itself refuses values that do not fit
+    if t.is_floating(src):
+        return t.is_floating(dst) and src.bit_width <= dst.bit_width
+    binary = lambda x: t.is_binary(x) or t.is_large_binary(x)  # noqa: E731
+    if any(kind(src) and kind(dst) for kind in (binary, t.is_timestamp, t.is_date, t.is_decimal)):
+        return True  # the cast refuses what would lose precision
+    if (t.is_list(src) or t.is_large_list(src)) and (t.is_list(dst) or t.is_large_list(dst)):
+        return _widens(src.value_type, dst.value_type, to_text)
+    if t.is_struct(src) and t.is_struct(dst):
+        names = {src.field(i).name: src.field(i).type for i in range(src.num_fields)}
+        return set(names) == {dst.field(i).name for i in range(dst.num_fields)} and all(
+            _widens(names[dst.field(i).name], dst.field(i).type, to_text) for i in range(dst.num_fields))
+    return False
 
 
 def _keys(batch: pa.RecordBatch, cfg: InputConfig, f: SourceFile, row0: int) -> pa.Array:

@@ -59,7 +59,9 @@ def resolve(uri: str, fmt: str = "auto", storage_options: dict | None = None) ->
         raise InputError(f"input.uri {uri!r}: {e}") from None
     if any(c in root for c in "*?["):
         paths = sorted(p for p in fs.glob(root) if fs.isfile(p))
-        base = root.split("*")[0].rsplit("/", 1)[0]
+        parts = root.split("/")
+        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+        base = "/".join(parts[:fixed]) or "/"  # the folder above the first wildcard: keys are relative to it
     elif fs.isdir(root):
         if fmt == "hf" or (fmt == "auto" and fs.exists(posixpath.join(root, "state.json"))):
             return fs, _hf_files(fs, root)
@@ -140,10 +142,35 @@ def _parquet(fs, f: SourceFile) -> Iterator[pa.RecordBatch]:
 
 
 def _csv(fs, f: SourceFile) -> Iterator[pa.RecordBatch]:
+    invalid: list = []
+
+    def on_invalid(row) -> str:  # keep the malformed row so the error can name its line
+        invalid.append(row)
+        return "error"
+
     with fs.open(f.path, "rb") as fh:
-        reader = pacsv.open_csv(fh, read_options=pacsv.ReadOptions(block_size=1 << 22))
-        for batch in reader:
-            yield batch
+        try:
+            reader = pacsv.open_csv(fh, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                                    parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid))
+            yield from reader
+        except pa.ArrowInvalid as e:
+            if not invalid:
+                raise
+            row = invalid[0]
+            line = row.number or _line_of(fs, f, row.text)
+            where = f" line {line}" if line else ""
+            raise InputError(f"{f.uri}{where}: expected {row.expected_columns} fields, got {row.actual_columns}: "
+                             f"{row.text[:200]}") from None
+
+
+def _line_of(fs, f: SourceFile, text: str) -> int | None:
+    """The number of the first line reading ``text`` (the streaming CSV reader does not count lines)."""
+    want = text.encode("utf-8", "surrogateescape").rstrip(b"\r\n")
+    with fs.open(f.path, "rb") as fh:
+        for lineno, line in enumerate(io.BufferedReader(fh), start=1):
+            if line.rstrip(b"\r\n") == want:
+                return lineno
+    return None
 
 
 def _hf(fs, f: SourceFile) -> Iterator[pa.RecordBatch]:

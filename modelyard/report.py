@@ -27,13 +27,13 @@ def load_manifest(output: str) -> dict[str, Any]:
 
 def stage_table(manifest: dict[str, Any]) -> Table:
     t = Table(title="stages")
-    for c in ("stage", "model", "kind", "ran", "skipped", "errors", "cached", "prompt tok", "completion tok",
-              "rows/s", "tokens/s", "p50 ms", "p95 ms"):
-        t.add_column(c, justify="left" if c in ("stage", "model", "kind") else "right")
+    for c in ("stage", "model", "kind", "ran", "skip", "err", "cached", "tokens in/out", "rows/s", "tok/s",
+              "p50/p95 ms"):
+        t.add_column(c, justify="left" if c in ("stage", "model", "kind") else "right", no_wrap=True)
     for name, s in manifest["stages"].items():
         t.add_row(name, s["model"], s["kind"], str(s["ran"]), str(s["skipped"]), str(s["errors"]), str(s["cached"]),
-                  str(s["prompt_tokens"]), str(s["completion_tokens"]), f"{s['rows_per_s']:.1f}",
-                  f"{s['tokens_per_s']:.0f}", _ms(s.get("latency_ms_p50")), _ms(s.get("latency_ms_p95")))
+                  f"{s['prompt_tokens']}/{s['completion_tokens']}", f"{s['rows_per_s']:.1f}",
+                  f"{s['tokens_per_s']:.0f}", f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}")
     return t
 
 

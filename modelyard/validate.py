@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelyard.config import LoadedConfig
+from modelyard.config import LoadedConfig, stage_prompt
 from modelyard.errors import ConfigError, UserError
 from modelyard.stages import Stage
+from modelyard.templates import variables_of
 
 BUILTINS = {"builtin:tiny-llama", "builtin:minilm"}
 
@@ -34,15 +35,20 @@ def check(loaded: LoadedConfig, *, raise_on_error: bool = False, input_columns: 
     for i, sc in enumerate(cfg.stages):
         where = f"{path}: stages[{i}] ({sc.name})"
         try:
-            st = Stage(sc, cfg.models[sc.model], cfg.models[sc.model].model, Path(loaded.base_dir))
+            Stage(sc, cfg.models[sc.model], cfg.models[sc.model].model, Path(loaded.base_dir))
         except ConfigError as e:
             problems.append(f"{where}: {e}")
-            available.add(sc.output)
-            continue
         if input_columns is not None:
-            for key, variables in (("prompt" if sc.input is None else "input", st.template.variables),
-                                   ("system", st.system.variables if st.system else set()),
-                                   ("when", st.condition.variables if st.condition else set())):
+            for key, source, expression in (("prompt" if sc.input is None else "input", None, False),
+                                            ("system", sc.system, False), ("when", sc.when, True)):
+                try:
+                    if source is None and key != "prompt" and key != "input":
+                        continue
+                    text = stage_prompt(sc, loaded.base_dir) if source is None else source
+                    variables = variables_of(text, expression=expression)
+                except ConfigError as e:
+                    problems.append(f"{where}.{key}: {e}")
+                    continue
                 missing = sorted(variables - available)
                 if missing:
                     later = {s.output for s in cfg.stages[i:]}

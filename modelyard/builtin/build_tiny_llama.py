@@ -90,6 +90,7 @@ def build_model(tokenizer):
         elif text.isdigit():
             bias[tid] = -2.0  # so integers end
     bias[[tokenizer.bos_token_id, tokenizer.pad_token_id]] = -30.0
+    bias[tokenizer.convert_tokens_to_ids('"')] = 5.0  # free-text strings end too
     bias[tokenizer.eos_token_id] = 1.0
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 1.0  # channel 0 is constant: no layer writes it
