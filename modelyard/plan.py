@@ -198,7 +198,10 @@ def _keys(batch: pa.RecordBatch, cfg: InputConfig, f: SourceFile, row0: int) -> 
     if col.null_count:
         i = next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
         raise InputError(f"{f.uri} row {row0 + i}: key column {cfg.key!r} is empty")
-    return col.cast(pa.string())
+    try:
+        return col.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise InputError(f"{f.uri}: key column {cfg.key!r} of type {col.type} cannot be a text key: {e}") from None
 
 
 def _report_duplicates(staging: Staging, nshards: int, suspects: set[str], cfg: InputConfig) -> None:

@@ -159,8 +159,7 @@ def _csv(fs, f: SourceFile) -> Iterator[pa.RecordBatch]:
             row = invalid[0]
             line = row.number or _line_of(fs, f, row.text)
             where = f" line {line}" if line else ""
-            raise InputError(f"{f.uri}{where}: expected {row.expected_columns} fields, got {row.actual_columns}: "
-                             f"{row.text[:200]}") from None
+            raise InputError(f"{f.uri}{where}: {e}") from None
 
 
 def _line_of(fs, f: SourceFile, text: str) -> int | None:

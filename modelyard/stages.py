@@ -40,7 +40,7 @@ def sha256_json(obj: Any) -> str:
 def arrow_type_of_schema(schema: dict[str, Any], where: str = "json_schema") -> pa.DataType:
     """The Arrow type of values valid under a JSON schema (the subset SPEC.md types)."""
     if "enum" in schema or "const" in schema:
-        return pa.string()
+        return _arrow_type_of_values(schema["enum"] if "enum" in schema else [schema["const"]], where)
     t = schema.get("type")
     if isinstance(t, list):
         non_null = [x for x in t if x != "null"]
@@ -61,6 +61,21 @@ def arrow_type_of_schema(schema: dict[str, Any], where: str = "json_schema") -> 
         return simple[t]
     raise ConfigError(f"{where}: cannot type {json.dumps(schema)[:80]}: give a type of object, array, integer, "
                       "number, string, boolean (or enum)")
+
+
+def _arrow_type_of_values(values: Any, where: str) -> pa.DataType:
+    """The column type of an enum (or const): string for strings, else the one type of its values."""
+    kinds = {type(v) for v in values if v is not None} if isinstance(values, list) else {dict}
+    if kinds <= {str}:
+        return pa.string()
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds == {int}:
+        return pa.int64()
+    if kinds <= {int, float}:
+        return pa.float64()
+    raise ConfigError(f"{where}: enum {json.dumps(values)[:80]} mixes value types or holds objects; "
+                      "use values of one type (strings, numbers or booleans)")
 
 
 def _check_numbers(value: Any, path: str = "$") -> None:
@@ -188,14 +203,20 @@ class Stage:
                 value = json.loads(text)  # strict: raw control characters in strings are refused
             except json.JSONDecodeError as e:
                 raise OutputInvalid(f"reply is not valid JSON: {e.msg} at {e.pos}{truncated}", text) from None
+            except (ValueError, RecursionError) as e:  # an integer of thousands of digits, nesting too deep
+                raise OutputInvalid(f"reply cannot be read as JSON: {e}{truncated}", text) from None
             errors = sorted(self.validator.iter_errors(value), key=lambda e: list(e.path))
             if errors:
                 e = errors[0]
                 where = "/".join(str(p) for p in e.path) or "(root)"
-                raise OutputInvalid(f"reply does not match the schema at {where}: {e.message[:200]}", text)
+                raise OutputInvalid(f"reply does not match the schema at {where}: {e.message[:200]}{truncated}", text)
             try:
                 _check_numbers(value)
             except ValueError as e:
-                raise OutputInvalid(f"reply has a value Parquet cannot hold: {e}", text) from None
+                raise OutputInvalid(f"reply has a value Parquet cannot hold: {e}{truncated}", text) from None
+            try:  # JSON Schema calls 1e300 an integer: the column type has the last word
+                pa.array([value], self.arrow_type)
+            except (pa.ArrowException, OverflowError) as e:
+                raise OutputInvalid(f"reply has a value its column cannot hold: {e}{truncated}", text) from None
             return value
         return text

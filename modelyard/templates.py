@@ -71,7 +71,7 @@ class Condition:
 
     def __call__(self, row: dict[str, Any]) -> bool:
         try:
-            return bool(self._expr(**row, row=row))
+            return bool(self._expr(**{**row, "row": row}))  # a column named `row` must not clash
         except SecurityError as e:
             raise RenderError(f"when refused by the sandbox: {e}") from None
         except Exception as e:

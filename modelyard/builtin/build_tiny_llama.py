@@ -1,21 +1,19 @@
 """Build modelyard's built-in demo model: a tiny random-weight Llama that vLLM can serve.
 
-Why: tests and demos need a real vLLM server, with no GPU and no model hub. This makes a full
-Hugging Face model folder offline, in seconds, byte for byte the same on every run:
-- a byte-level BPE tokenizer (any byte encodable) trained with `tokenizers` on a seeded
-  in-memory corpus of English words, digits and JSON punctuation, wrapped in
-  PreTrainedTokenizerFast with <s>/</s>/<pad> and a Jinja chat template;
-- a seeded random LlamaForCausalLM (hidden 256, 2 layers, 4 heads, 2 KV heads, head_dim 64,
-  intermediate 512, 4096 positions) in bfloat16 safetensors. Purely random logits are nearly
-  uniform: under a JSON grammar it wrote raw control bytes in strings and endless integers
-  (3/20 outputs parsed). So residual channel 0 is held constant and its lm_head column acts as
-  a logit bias: no control or broken UTF-8 tokens, JSON closers favoured, digits disfavoured.
-The text is gibberish by design: it exercises the serving path, not quality.
+Why: tests and demos need a real vLLM server without a GPU or a model hub. Offline, in seconds
+and byte for byte the same each run, this writes a Hugging Face folder holding a byte-level BPE
+tokenizer (trained with `tokenizers` on a seeded corpus of English words, digits and JSON
+punctuation; <s>/</s>/<pad>; Jinja chat template) and a seeded random LlamaForCausalLM (hidden
+256, 2 layers, 4 heads, 2 KV heads, head_dim 64, intermediate 512, 4096 positions, bfloat16).
+Purely random logits are nearly uniform: under a JSON grammar it wrote raw control bytes in
+strings and endless integers (3/20 parsed). So residual channel 0 is held constant and its
+lm_head column acts as a logit bias: no control or broken UTF-8 tokens, JSON closers and '"'
+favoured, digits not. The text is gibberish by design; it exercises serving, not quality.
 
 Usage (ENGINE python): python build_tiny_llama.py OUT_DIR. Built in OUT_DIR.tmp-<pid>, then
-renamed into place, so a crash never leaves a half model. OUT_DIR/modelyard-build.json marks a
-finished build (then the script exits 0 at once): {"recipe_version": 1, "revision": R}, R = first
-16 hex of sha256 over the other files' contents in sorted name order. R is printed last.
+renamed, so a crash never leaves a half model. OUT_DIR/modelyard-build.json marks a finished
+build (then it exits 0 at once): {"recipe_version": 1, "revision": R}, R = first 16 hex of
+sha256 over the other files' contents in sorted name order. R is printed last.
 """
 import hashlib, json, os, random, shutil, sys
 
@@ -56,7 +54,6 @@ def corpus(rng):
 def build_tokenizer(rng):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -72,7 +69,6 @@ def build_tokenizer(rng):
 def build_model(tokenizer):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
@@ -105,20 +101,18 @@ def build_model(tokenizer):
 
 def revision(folder):
     h = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name != MARKER and os.path.isfile(path):
-            with open(path, "rb") as f:
-                h.update(f.read())
+    for name in sorted(set(os.listdir(folder)) - {MARKER}):
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(f.read())
     return h.hexdigest()[:16]
 
 
 def main(out_dir):
     out_dir = os.path.abspath(out_dir)
     marker = os.path.join(out_dir, MARKER)
+    read_rev = lambda: json.load(open(marker))["revision"]  # noqa: E731
     if os.path.isfile(marker):
-        print(json.load(open(marker))["revision"])
-        return 0
+        return print(read_rev())  # already built: nothing to do
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         sys.exit(f"{out_dir} exists, is not empty and has no {MARKER}: refusing to overwrite it")
     tmp = f"{out_dir}.tmp-{os.getpid()}"
@@ -136,14 +130,11 @@ def main(out_dir):
         except OSError:
             if not os.path.isfile(marker):  # a concurrent build that won the race is fine
                 raise
-            rev = json.load(open(marker))["revision"]
+            rev = read_rev()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(rev)
-    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python build_tiny_llama.py OUT_DIR")
-    sys.exit(main(sys.argv[1]))
+    main(sys.argv[1]) if len(sys.argv) == 2 else sys.exit("usage: python build_tiny_llama.py OUT_DIR")

@@ -1,0 +1,191 @@
+"""The pipeline end to end on real vLLM CPU servers and Prefect's test harness.
+
+The two demo models are started once for the session (tests/conftest.py); the demo config run
+here in-process reuses them through modelyard's server registry.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.engine
+
+LINEAGE_ALWAYS = ("model", "model_revision", "engine_version", "prompt_sha256", "params_sha256")
+LINEAGE_WHEN_RUN = ("finish_reason", "prompt_tokens", "completion_tokens", "latency_ms", "endpoint")
+
+
+@pytest.fixture(scope="module")
+def demo_run(servers, prefect_harness, tmp_path_factory, monkeypatch_module):
+    from flows.pipeline import run_pipeline
+
+    monkeypatch_module.chdir(ROOT)
+    out = tmp_path_factory.mktemp("demo") / "out"
+    t0 = time.perf_counter()
+    manifest = run_pipeline(config="configs/demo.yaml", params={"date": "2026-11-27"}, output=str(out))
+    return manifest, out, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def input_rows() -> list[dict]:
+    return [json.loads(line) for line in (ROOT / "configs/data/tickets.jsonl").read_text().splitlines()]
+
+
+def test_demo_commits_every_row_once_with_lineage(demo_run):
+    manifest, out, wall = demo_run
+    rows = input_rows()
+    table = ds.dataset(out, format="parquet").to_table()  # pyarrow skips _manifest.json, _errors/, _lineage/
+    assert table.num_rows == len(rows) == manifest["rows"] == 300
+    assert sorted(table.column("_row_key").to_pylist()) == sorted(r["ticket_id"] for r in rows)
+    # input columns unchanged, in input order
+    assert table.column("ticket_id").to_pylist() == [r["ticket_id"] for r in rows]
+    assert table.column("body").to_pylist() == [r["body"] for r in rows]
+    run_id = manifest["run_id"]
+    assert set(table.column("_run_id").to_pylist()) == {run_id}
+    by_row = table.to_pylist()
+    errors = 0
+    for r in by_row:
+        assert r["_source"]["uri"].endswith("configs/data/tickets.jsonl")
+        for stage, rec in r["_lineage"].items():
+            for f in LINEAGE_ALWAYS:
+                assert rec[f], (r["_row_key"], stage, f)
+            out_col = manifest["stages"][stage]["output"]
+            if rec["skipped"]:
+                assert r[out_col] is None and rec["attempts"] == 0
+            elif rec["error"]:
+                errors += 1
+                assert r[out_col] is None
+            else:
+                for f in LINEAGE_WHEN_RUN:
+                    assert rec[f] is not None, (r["_row_key"], stage, f)
+                assert rec["attempts"] >= 1 and rec["cached"] is False
+                assert r[out_col] is not None
+    assert errors == manifest["errors"]["rows"] == sum(s["errors"] for s in manifest["stages"].values())
+
+
+def test_structured_outputs_are_valid_and_typed(demo_run):
+    manifest, out, _ = demo_run
+    table = ds.dataset(out, format="parquet").to_table()
+    schema = table.schema
+    assert pa.types.is_dictionary(schema.field("label").type)
+    assert schema.field("details").type == pa.struct([("product", pa.string()), ("urgent", pa.bool_()),
+                                                      ("severity", pa.int64())])
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    labels = table.column("label").to_pylist()
+    assert set(labels) - {None} <= {"billing", "bug", "feature", "other"}
+    assert sum(x is not None for x in labels) >= 290  # choice is constrained: failures would be server errors
+    details = table.column("details").to_pylist()
+    for label, d, lin in zip(labels, details, table.column("_lineage").to_pylist()):
+        ran = label in ("bug", "billing")
+        assert lin["extract"]["skipped"] is (not ran)  # `when` skipped exactly the other rows
+        if d is not None:
+            assert ran and isinstance(d["product"], str) and len(d["product"]) <= 24
+            assert isinstance(d["urgent"], bool) and 1 <= d["severity"] <= 5
+    assert any(d is not None for d in details)
+    emb = table.column("embedding").to_pylist()
+    assert all(e is not None and len(e) == 384 for e in emb)
+    norms = [sum(x * x for x in e) ** 0.5 for e in emb[:5]]
+    assert all(abs(n - 1.0) < 1e-3 for n in norms)  # MiniLM's embeddings are normalised
+
+
+def test_other_readers_read_the_output_as_it_is(demo_run, tmp_path):
+    _, out, _ = demo_run
+    n, keys = duckdb.sql(f"select count(*), count(distinct _row_key) from '{out}/*.parquet'").fetchall()[0]
+    assert n == keys == 300
+    label_counts = duckdb.sql(f"select label, count(*) from '{out}/*.parquet' group by label").fetchall()
+    assert sum(c for _, c in label_counts) == 300
+    import datasets
+
+    d = datasets.load_dataset("parquet", data_files=f"{out}/*.parquet", split="train", cache_dir=str(tmp_path))
+    assert d.num_rows == 300 and "_lineage" in d.column_names
+
+
+def test_manifest_and_metadata(demo_run):
+    manifest, out, _ = demo_run
+    on_disk = json.loads((out / "_manifest.json").read_text())
+    assert on_disk["run_id"] == manifest["run_id"]
+    assert on_disk["config"]["text"] == (ROOT / "configs/demo.yaml").read_text()
+    assert set(on_disk["models"]) == {"tiny", "embedder"}
+    for m in on_disk["models"].values():
+        assert m["engine_version"].startswith("0.") and m["revision"]
+    assert sum(f["rows"] for f in on_disk["files"]) == 300
+    import hashlib
+
+    for f in on_disk["files"]:
+        data = (out / f["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["bytes"]
+        meta = json.loads(pq.read_schema(out / f["path"]).metadata[b"modelyard"])
+        assert meta["run_id"] == manifest["run_id"] and set(meta["stages"]) == {"embed", "classify", "extract", "reply"}
+    assert len(on_disk["files"]) == 1  # 300 small rows: one part, not one per shard
+    stats = on_disk["stages"]["classify"]
+    assert stats["ran"] == 300 and stats["completion_tokens"] > 0 and stats["latency_ms_p95"] >= stats["latency_ms_p50"]
+    assert on_disk["stages"]["extract"]["skipped"] + on_disk["stages"]["extract"]["ran"] == 300
+    assert not (out.parent / "_modelyard" / "out").exists() or not any((out.parent / "_modelyard" / "out").iterdir())
+
+
+def test_inspect_shows_stats_and_one_rows_provenance(demo_run):
+    manifest, out, _ = demo_run
+    r = run_cli("inspect", str(out))
+    assert r.returncode == 0, r.stderr
+    for s in ("embed", "classify", "extract", "reply", "part-00000.parquet", manifest["run_id"]):
+        assert s in r.stdout
+    r = run_cli("inspect", str(out), "--row", "T00002")
+    assert r.returncode == 0, r.stderr
+    assert "row T00002" in r.stdout and "prompt_sha256" in r.stdout and "stage classify" in r.stdout
+    assert "The reporting invoice shows the wrong amount" in r.stdout
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_endpoint_gives_error_rows_not_a_hang(servers, prefect_harness, tmp_path):
+    """One replica down, one up: every row is served; only-down model: error rows, clear message."""
+    from flows.pipeline import run_pipeline
+
+    tiny = servers["tiny"]
+    dead = f"http://127.0.0.1:{_closed_port()}/v1"
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "text": f"ticket {i}"}) + "\n" for i in range(40)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""
+name: unreachable
+input: {{uri: "{data}", key: id}}
+shard_rows: 20
+models:
+  up: {{model: "{tiny.served_name}", endpoints: ["{dead}", "{tiny.url}"], retries: 3}}
+  down: {{model: "{tiny.served_name}", endpoints: ["{dead}"], retries: 1}}
+stages:
+  - {{name: a, model: up, prompt: "{{{{ text }}}}", choice: [x, y], output: a}}
+  - {{name: b, model: down, prompt: "{{{{ text }}}}", params: {{max_tokens: 4}}, output: b}}
+output: {{uri: "{tmp_path / 'out'}"}}
+""")
+    t0 = time.perf_counter()
+    manifest = run_pipeline(config=str(cfg))
+    assert time.perf_counter() - t0 < 120
+    table = pq.read_table(tmp_path / "out" / "part-00000.parquet")
+    assert table.num_rows == 40
+    assert set(table.column("a").to_pylist()) <= {"x", "y"} and None not in table.column("a").to_pylist()
+    assert table.column("b").to_pylist() == [None] * 40
+    errs = pq.read_table(tmp_path / "out" / "_errors" / "errors.parquet").to_pylist()
+    assert len(errs) == 40 and {e["stage"] for e in errs} == {"b"}
+    assert all(f"cannot connect to {dead}" in e["error"] and e["attempts"] == 2 for e in errs)
+    assert manifest["stages"]["b"]["errors"] == 40 and manifest["stages"]["a"]["errors"] == 0
