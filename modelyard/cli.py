@@ -18,8 +18,9 @@ from modelyard.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-model batch LLM pipelines on Prefect and vLLM, with per-row lineage.")
-err = Console(stderr=True)
-out = Console()
+# Not a terminal (a pipe, a log, CI): wide enough that tables are not cut to 80 columns.
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 200)
 STATE = {"debug": False}
 
 
