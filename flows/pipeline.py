@@ -27,7 +27,7 @@ def _run_name() -> str:
 
 @flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int | None = None,
-                 output: str | None = None) -> dict:
+                 output: str | None = None, retry_truncated: bool = False) -> dict:
     """Run the pipeline of CONFIG once and return its manifest."""
     started = time.time()
     logger = get_run_logger()
@@ -41,7 +41,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
         for w in warnings:
             logger.warning(w)
         TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards))
-        job = pipeline.make_job(prepared, run_id, models)
+        job = pipeline.make_job(prepared, run_id, models, retry_truncated)
         logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(plan.shards),
                     prepared.staging.root)
         futures = [process_shard.with_options(task_run_name=f"shard-{i:05d}").submit(job, i)

@@ -38,6 +38,10 @@ def main() -> int:
             child.wait()
         except ProcessLookupError:
             pass
+    try:  # the server's own children (vLLM's engine core) must not outlive it
+        os.killpg(child.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     return child.returncode if child.returncode is not None and child.returncode >= 0 else 0
 
 

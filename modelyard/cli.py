@@ -67,6 +67,11 @@ def run(
     param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE for {KEY} placeholders.")] = [],  # noqa: B006
     limit: Annotated[Optional[int], typer.Option(help="Process only the first N input rows.")] = None,
     output: Annotated[Optional[str], typer.Option(help="Write here instead of output.uri.")] = None,
+    retry_errors: Annotated[bool, typer.Option(
+        "--retry-errors", help="Re-send only the requests that failed in the last output; the rest comes from "
+        "the request cache.")] = False,
+    retry_truncated: Annotated[bool, typer.Option(
+        "--retry-truncated", help="Like --retry-errors, and also re-send requests that stopped at max_tokens.")] = False,
 ) -> None:
     """Run the pipeline once and commit its output."""
     from modelyard import pipeline
@@ -78,6 +83,8 @@ def run(
         params = parse_params(param)
         loaded = pipeline.load(config, params, output)
         pipeline.prepare(loaded, limit)  # every user error before Prefect starts
+        if retry_errors or retry_truncated:
+            pipeline.check_retry(loaded, truncated=retry_truncated, console=err)
     except UserError as e:
         _fail(e)
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -88,7 +95,8 @@ def run(
     flow = run_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=loaded.config.parallel_shards))
     try:
         with Display(TRACKER, live=sys.stderr.isatty()):
-            manifest = flow(config=config, params=loaded.params, limit=limit, output=output)
+            manifest = flow(config=config, params=loaded.params, limit=limit, output=output,
+                            retry_truncated=retry_truncated)
     except UserError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -143,6 +151,62 @@ def inspect(
             print_row(out, output, row)
     except UserError as e:
         _fail(e)
+
+
+cache_app = typer.Typer(help="The request cache: size report and pruning.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+def _cache_for(config: str, param: list[str]):
+    from modelyard import pipeline
+    from modelyard.cache import open_cache
+    from modelyard.config import parse_params
+
+    loaded = pipeline.load(config, parse_params(param), None)
+    path = pipeline.cache_path(loaded.config)
+    if path is None:
+        raise UserError(f"{config}: cache.enabled is false: there is no request cache")
+    return path, open_cache(path)
+
+
+@cache_app.command("info")
+def cache_info(
+    config: Annotated[str, typer.Argument(help="Pipeline YAML whose cache to report on.")],
+    param: Annotated[list[str], typer.Option("--param", "-p")] = [],  # noqa: B006
+) -> None:
+    """Entries and size per model and revision."""
+    from rich.table import Table
+
+    try:
+        path, cache = _cache_for(config, param)
+    except UserError as e:
+        _fail(e)
+    t = Table(title=f"request cache {path}")
+    for c in ("model", "revision", "entries", "MB"):
+        t.add_column(c)
+    for r in cache.report():
+        t.add_row(r["model"], r["revision"], str(r["entries"]), f"{r['bytes'] / 1e6:.2f}")
+    out.print(t)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    config: Annotated[str, typer.Argument(help="Pipeline YAML whose cache to prune.")],
+    older_than_days: Annotated[Optional[float], typer.Option(help="Drop entries unused for this many days.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Drop every entry of this model id.")] = None,
+    max_mb: Annotated[Optional[float], typer.Option(help="Keep at most this many MB, most recently used first.")] = None,
+    param: Annotated[list[str], typer.Option("--param", "-p")] = [],  # noqa: B006
+) -> None:
+    """Delete cache entries by age, model or total size."""
+    if older_than_days is None and model is None and max_mb is None:
+        _fail(UserError("say what to prune: --older-than-days, --model or --max-mb"))
+    try:
+        path, cache = _cache_for(config, param)
+    except UserError as e:
+        _fail(e)
+    n = cache.prune(older_than_s=None if older_than_days is None else older_than_days * 86400, model=model,
+                    max_bytes=None if max_mb is None else int(max_mb * 1e6))
+    out.print(f"pruned {n} entries from {path}")
 
 
 def main() -> None:

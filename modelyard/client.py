@@ -30,6 +30,14 @@ class RequestFailed(Exception):
         self.attempts, self.status = attempts, status
 
 
+class ModelGone(Exception):
+    """Every endpoint of a model is gone for good: the run cannot finish and must fail."""
+
+
+# Endpoint states set by the server watchdog of this process: "restarting" or "gone: <why>".
+ENDPOINT_STATE: dict[str, str] = {}
+
+
 class _Transient(Exception):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
@@ -65,11 +73,17 @@ class Pool:
 
     def _pick(self) -> Endpoint | None:
         now = time.monotonic()
-        free = [e for e in self.endpoints if e.in_flight < self.limit]
+        usable = [e for e in self.endpoints if e.url not in ENDPOINT_STATE]
+        if not usable:
+            gone = [ENDPOINT_STATE[e.url] for e in self.endpoints if ENDPOINT_STATE[e.url].startswith("gone")]
+            if len(gone) == len(self.endpoints):
+                raise ModelGone(f"model {self.name!r}: every endpoint is gone; {gone[0][len('gone: '):]}")
+            return None  # restarting: wait for it rather than spend retries
+        free = [e for e in usable if e.in_flight < self.limit]
         if not free:
             return None
         up = [e for e in free if e.down_until <= now]
-        if not up and any(e.down_until <= now for e in self.endpoints):
+        if not up and any(e.down_until <= now for e in usable):
             return None  # a healthy replica is busy: wait for it rather than hit a dead one
         return min(up or free, key=lambda e: (e.in_flight, e.served))
 

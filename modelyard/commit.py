@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from modelyard.failpoints import failpoint
 from modelyard.lineage import ERRORS_SCHEMA
 from modelyard.staging import Staging, write_bytes_atomic
 
@@ -97,6 +98,7 @@ def merge(staging: Staging, shard_ids: list[int], schema: pa.Schema, stage_names
                 col = pc.struct_field(lin, [s, "latency_ms"])
                 latencies[s].append(col.drop_null() if hasattr(col, "drop_null") else pc.drop_null(col))
             parts.add(table, fs.size(path))
+            failpoint("merge")
             with fs.open(staging.errors_shard(i), "rb") as fh:
                 errs = pq.read_table(fh)
             if errs.num_rows:

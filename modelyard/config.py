@@ -50,6 +50,8 @@ class ServeOptions(Strict):
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for this model's server.")
     startup_timeout: float = Field(900, gt=0, description="Seconds to wait for the server to become healthy.")
+    max_restarts: int = Field(2, ge=0, description="Restarts of a server that dies during a run before the run fails.")
+    replicas: int = Field(1, ge=1, description="Managed servers of this model; requests go to the least busy.")
 
 
 class ModelConfig(Strict):
@@ -167,6 +169,15 @@ class LineageConfig(Strict):
     openlineage: OpenLineageConfig = Field(default_factory=OpenLineageConfig)
 
 
+class CacheConfig(Strict):
+    enabled: bool = Field(True, description="Serve repeated requests from the request cache.")
+    path: str | None = Field(
+        None, description="SQLite file of the cache; default $MODELYARD_CACHE, else beside the output "
+        "(<output parent>/_modelyard/<output name>/cache.sqlite). Share one path to share across configs.")
+    nondeterministic: bool = Field(
+        False, description="Also cache sampled requests (temperature > 0 without a seed).")
+
+
 class EngineConfig(Strict):
     python: str | None = Field(
         None, description="Python of the engine environment; default $MODELYARD_ENGINE_PYTHON or .venv-engine."
@@ -183,6 +194,7 @@ class PipelineConfig(Strict):
     stages: list[StageConfig] = Field(min_length=1, description="Stages, run in order on every row.")
     output: OutputConfig
     lineage: LineageConfig = Field(default_factory=LineageConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ import httpx
 
 from modelyard.config import LoadedConfig, ModelConfig
 from modelyard.errors import EngineError
-from modelyard.serving import REGISTRY, Server, engine_python, resolve_model
+from modelyard.serving import REGISTRY, Server, Watchdog, engine_python, resolve_model
 from modelyard.shard import ModelRuntime
 
 log = logging.getLogger("modelyard")
@@ -100,7 +100,9 @@ def open_models(loaded: LoadedConfig, only: set[str] | None = None) -> Iterator[
                 eps, served = list(m.endpoints or []), m.model
             runtimes[n], w = probe(n, m, eps, served, revision)
             warnings += w
-        yield runtimes, warnings
+        with Watchdog({n: (s, cfg.models[n].serve.max_restarts if cfg.models[n].serve else 2)
+                       for n, s in servers.items()}):
+            yield runtimes, warnings
     finally:
         for s in servers.values():
             REGISTRY.release(s)

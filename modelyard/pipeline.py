@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from modelyard import __version__
 from modelyard.commit import merge, swap_in, target_uri, write_manifest
+from fsspec.core import url_to_fs
+
 from modelyard.config import LoadedConfig, load_config
+from modelyard.failpoints import failpoint
 from modelyard.plan import Plan, build_plan, input_files
+from modelyard.serving import home
 from modelyard.shard import Job, ModelRuntime
 from modelyard.staging import Staging, job_key
 from modelyard.validate import check
@@ -59,9 +65,46 @@ def plan(p: Prepared) -> Plan:
     return build_plan(p.loaded.config.input, p.loaded.config.shard_rows, p.staging, p.limit, p.files)
 
 
-def make_job(p: Prepared, run_id: str, models: dict[str, ModelRuntime]) -> Job:
-    return Job(config=p.loaded.config, base_dir=str(p.loaded.base_dir), job_key=p.key,
-               output_root=p.loaded.config.output.uri, run_id=run_id, models=models)
+def check_retry(loaded: LoadedConfig, *, truncated: bool, console=None) -> dict:
+    """--retry-errors / --retry-truncated: there must be a last output, and a cache to serve the rest."""
+    from modelyard.commit import read_manifest, target_uri
+    from modelyard.errors import UserError
+
+    cfg = loaded.config
+    target = target_uri(cfg.output.uri, cfg.output.partition)
+    manifest = read_manifest(target)
+    if manifest is None:
+        raise UserError(f"--retry-errors: there is no committed output at {target} to retry")
+    if not cfg.cache.enabled:
+        raise UserError(f"{loaded.path}: --retry-errors needs the request cache (cache.enabled: true) to serve the "
+                        "rows that did not fail")
+    if console is not None:
+        console.print(f"last output {target}: {manifest['errors']['rows']} stage error(s)"
+                      + ("; truncated replies are re-sent too" if truncated else "")
+                      + "; everything else comes from the request cache")
+    return manifest
+
+
+def cache_path(cfg) -> str | None:
+    """The request cache's file: config, $MODELYARD_CACHE, or beside a local output."""
+    if not cfg.cache.enabled:
+        return None
+    if cfg.cache.path:
+        return cfg.cache.path
+    if os.environ.get("MODELYARD_CACHE"):
+        return os.environ["MODELYARD_CACHE"]
+    fs, root = url_to_fs(cfg.output.uri)
+    root = root.rstrip("/")
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return posixpath.join(posixpath.dirname(root), "_modelyard", posixpath.basename(root), "cache.sqlite")
+    return str(home() / "cache" / f"{cfg.name}.sqlite")  # SQLite needs a local file
+
+
+def make_job(p: Prepared, run_id: str, models: dict[str, ModelRuntime], retry_truncated: bool = False) -> Job:
+    cfg = p.loaded.config
+    return Job(config=cfg, base_dir=str(p.loaded.base_dir), job_key=p.key, output_root=cfg.output.uri,
+               run_id=run_id, models=models, cache_path=cache_path(cfg),
+               cache_nondeterministic=cfg.cache.nondeterministic, retry_truncated=retry_truncated)
 
 
 def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: str, started: float,
@@ -112,6 +155,7 @@ def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: s
 
         write_events(p.staging, events)
     write_manifest(p.staging, manifest)
+    failpoint("before-swap")
     swap_in(p.staging, target)
     p.staging.fs.rm(p.staging.root, recursive=True)
     return manifest

@@ -9,6 +9,7 @@ record last, so a shard is either complete or absent.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from modelyard.cache import RequestCache, deterministic, open_cache, request_key
 from modelyard.client import Dispatcher, Pool, RequestFailed, post
 from modelyard.config import PipelineConfig
+from modelyard.failpoints import failpoint
 from modelyard.lineage import ERRORS_SCHEMA, lineage_type, new_record, output_schema
 from modelyard.progress import TRACKER, Tracker
 from modelyard.stages import OutputInvalid, Stage
@@ -49,6 +52,9 @@ class Job:
     output_root: str
     run_id: str
     models: dict[str, ModelRuntime]
+    cache_path: str | None = None
+    cache_nondeterministic: bool = False
+    retry_truncated: bool = False
     _stages: list[Stage] | None = field(default=None, repr=False, compare=False)
 
     def staging(self) -> Staging:
@@ -62,6 +68,9 @@ class Job:
                 for s in self.config.stages
             ]
         return self._stages
+
+    def cache(self) -> RequestCache | None:
+        return open_cache(self.cache_path) if self.cache_path else None
 
     def pools(self) -> dict[str, Pool]:
         d = Dispatcher.get()
@@ -98,8 +107,10 @@ def run_shard(job: Job, shard_id: int, tracker: Tracker = TRACKER) -> dict[str, 
     _write(staging, staging.errors_shard(shard_id), errors)
     stats = {"shard": shard_id, "rows": table.num_rows, "errors": errors.num_rows, "started": t0,
              "finished": time.time(), "stages": _shard_stats(stages, results)}
+    failpoint("shard-written")
     staging.write_json(done, stats)
     tracker.shard_done()
+    failpoint("shard-done")
     return stats
 
 
@@ -124,7 +135,9 @@ async def _run_row(client, stages: list[Stage], pools: dict[str, Pool], job: Job
     outputs: dict[str, Any] = {}
     lineage: dict[str, dict] = {}
     errors: list[dict] = []
-    failed: set[str] = set()
+    failed: set[str] = set()  # outputs that failed on this row
+    skipped: set[str] = set()  # outputs of stages skipped on this row
+    cache = job.cache()
     for st in stages:
         rt = job.models[st.cfg.model]
         rec = lineage[st.name] = new_record(st, rt)
@@ -139,32 +152,56 @@ async def _run_row(client, stages: list[Stage], pools: dict[str, Pool], job: Job
         try:
             if st.condition is not None and not st.condition(row):
                 rec["skipped"] = True
-                tracker.record(st.name, skipped=True)
-                continue
-            path, body = st.request(row)
+            elif st.prompt_reads & skipped:
+                rec["skipped"] = True  # it reads the output of a stage skipped on this row
+            else:
+                nulls = sorted(v for v in st.prompt_reads if v in row and row[v] is None)
+                if nulls:
+                    raise RenderError(f"column(s) {', '.join(nulls)} are null on this row")
+                path, body = st.request(row)
+                if not _has_text(body):
+                    raise RenderError("the rendered prompt is empty")
         except RenderError as e:
             _fail(rec, errors, st, str(e), None)
             failed.add(out)
             tracker.record(st.name, error=True)
             continue
+        if rec["skipped"]:
+            skipped.add(out)
+            tracker.record(st.name, skipped=True)
+            continue
         raw = None
+        key = None
         try:
-            reply = await post(client, pools[st.cfg.model], path, body)
-            rec.update(attempts=reply.attempts, latency_ms=round(reply.latency_ms, 3), endpoint=reply.endpoint)
+            reply_body = None
+            if cache is not None and (job.cache_nondeterministic or deterministic(path, body)):
+                key = request_key(rt.model_id, rt.revision, path, body)
+                reply_body = cache.get(key, accept_truncated=not job.retry_truncated)
+            if reply_body is not None:
+                rec.update(cached=True, attempts=0, latency_ms=0.0, endpoint="cache")
+            else:
+                reply = await post(client, pools[st.cfg.model], path, body)
+                rec.update(attempts=reply.attempts, latency_ms=round(reply.latency_ms, 3), endpoint=reply.endpoint)
+                reply_body = reply.body
             try:
-                value, facts = st.parse(reply.body)
+                value, facts = st.parse(reply_body)
             except OutputInvalid as e:
-                facts, raw = _facts(reply.body), e.raw
+                facts, raw = _facts(reply_body), e.raw
                 rec.update(facts)
                 raise
             except (KeyError, IndexError, TypeError) as e:
-                raise OutputInvalid(f"malformed reply from the server: {type(e).__name__}: {e}", str(reply.body)[:2000]) from None
+                raise OutputInvalid(f"malformed reply from the server: {type(e).__name__}: {e}",
+                                    str(reply_body)[:2000]) from None
             rec.update(facts)
             outputs[out] = row[out] = value
-            tracker.record(st.name, prompt_tokens=rec["prompt_tokens"], completion_tokens=rec["completion_tokens"])
+            if key is not None and not rec["cached"]:
+                cache.put(key, rt.model_id, rt.revision, path, reply_body, rec["finish_reason"])
+            tracker.record(st.name, cached=rec["cached"], prompt_tokens=rec["prompt_tokens"],
+                           completion_tokens=rec["completion_tokens"])
+            failpoint(f"reply:{st.name}")
         except RequestFailed as e:
             rec["attempts"] = e.attempts
-            _fail(rec, errors, st, str(e), None)
+            _fail(rec, errors, st, explain(str(e)), None)
             failed.add(out)
             tracker.record(st.name, error=True)
         except OutputInvalid as e:
@@ -173,6 +210,33 @@ async def _run_row(client, stages: list[Stage], pools: dict[str, Pool], job: Job
             tracker.record(st.name, error=True, prompt_tokens=rec["prompt_tokens"],
                            completion_tokens=rec["completion_tokens"])
     return outputs, lineage, errors
+
+
+def _has_text(body: dict) -> bool:
+    if "messages" in body:
+        return bool(body["messages"][-1]["content"].strip())
+    return bool(str(body.get("prompt", body.get("input", ""))).strip())
+
+
+_TOO_LONG = [
+    re.compile(r"maximum context length is (?P<max>\d+) tokens\. However, your prompt contains "
+               r"(?P<q>at least )?(?P<n>\d+) input tokens"),
+    re.compile(r"maximum context length is (?P<max>\d+) tokens\. However, your prompt contains "
+               r"(?P<n>\d+) characters"),
+    re.compile(r"Input length \((?P<n>\d+)\) exceeds model's maximum context length \((?P<max>\d+)\)"),
+    re.compile(r"maximum context length is (?P<max>\d+) tokens.*?(?:requested|contains) (?P<n>\d+) tokens"),
+]
+
+
+def explain(message: str) -> str:
+    """A server's 'prompt too long' answer, said plainly; any other message as it is."""
+    for i, rx in enumerate(_TOO_LONG):
+        m = rx.search(message)
+        if m:
+            unit = "characters" if i == 1 else "tokens"
+            return (f"too long: the prompt has {m.groupdict().get('q') or ''}{m['n']} {unit}, the model's context "
+                    f"is {m['max']} tokens (max_model_len)")
+    return message
 
 
 def _facts(body: dict) -> dict:

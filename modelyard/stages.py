@@ -128,6 +128,7 @@ class Stage:
                 raise ConfigError(f"stages.{c.name}.regex: {e}") from None
         self.embed = self.model.task == "embed"
         self.arrow_type = self._arrow_type()
+        self.prompt_reads = self.template.variables | (self.system.variables if self.system else set())
         self.reads = self.template.variables | (self.system.variables if self.system else set()) | (
             self.condition.variables if self.condition else set())
         self.prompt_sha256 = hashlib.sha256(
