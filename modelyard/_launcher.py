@@ -42,7 +42,8 @@ def main() -> int:
         os.killpg(child.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    return child.returncode if child.returncode is not None and child.returncode >= 0 else 0
+    rc = child.returncode
+    return 128 - rc if rc is not None and rc < 0 else (rc or 0)  # killed by signal N: 128 + N, like a shell
 
 
 if __name__ == "__main__":

@@ -64,6 +64,11 @@ cache: {{enabled: {str(cache).lower()}}}
     return cfg
 
 
+def sent(rows: list[dict]) -> int:
+    """Requests that reached the server for these rows: attempts of every stage not served from the cache."""
+    return sum(rec["attempts"] for r in rows for rec in r["_lineage"].values() if not rec["cached"])
+
+
 def read_output(out: Path):
     return ds.dataset(out, format="parquet").to_table()
 
@@ -109,7 +114,9 @@ def test_unchanged_rerun_sends_nothing_and_a_prompt_change_only_that_stage(serve
     t_first = time.perf_counter() - t0
     m1 = requests_served(tiny)
     rows = read_output(tmp_path / "out").to_pylist()
-    assert m1 - m0 == calls(rows) and first["stages"]["classify"]["cached"] == 0
+    # identical requests within the run (e.g. the 'tag' stage's few distinct prompts) are cached too
+    assert m1 - m0 == sent(rows) < calls(rows)
+    assert first["stages"]["classify"]["cached"] == 0
 
     t0 = time.perf_counter()
     again = run_pipeline(config=str(cfg))
@@ -129,15 +136,16 @@ def test_unchanged_rerun_sends_nothing_and_a_prompt_change_only_that_stage(serve
     m3 = requests_served(tiny)
     extract_calls = sum(1 for r in rows2 if not r["_lineage"]["extract"]["skipped"])
     assert extract_calls > 0
-    assert m3 - m2 == extract_calls  # classify and tag came from the cache
+    assert m3 - m2 == extract_calls == sent(read_output(tmp_path / "out").to_pylist())  # the rest: cache
     assert changed["stages"]["classify"]["cached"] == ROWS
     assert changed["stages"]["extract"]["cached"] == 0
 
     r = run_cli("cache", "info", str(cfg))
     assert r.returncode == 0 and tiny.served_name in r.stdout
     r = run_cli("cache", "prune", str(cfg), "--model", tiny.served_name)
-    assert r.returncode == 0 and "pruned" in r.stdout
-    assert int(r.stdout.split("pruned ")[1].split()[0]) == calls(rows2) + extract_calls
+    assert r.returncode == 0 and int(r.stdout.split("pruned ")[1].split()[0]) >= ROWS + extract_calls
+    r = run_cli("cache", "info", str(cfg))
+    assert r.returncode == 0 and tiny.served_name not in r.stdout
 
 
 def test_retry_errors_resends_only_failed_requests(servers, prefect_harness, prefect_server, tmp_path):
@@ -186,6 +194,7 @@ def test_managed_server_killed_mid_run_is_restarted(servers, prefect_harness, tm
                 return
             time.sleep(0.2)
 
+    TRACKER.reset([], 0, 0)  # counts of earlier runs must not trigger the kill
     threading.Thread(target=killer, daemon=True).start()
     out = tmp_path / "out"
     manifest = run_pipeline(config="configs/demo.yaml", params={"date": "2026-11-27"}, output=str(out))
