@@ -36,19 +36,25 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     prepared = pipeline.prepare(loaded, limit)
     run_id = str(runtime.flow_run.id or "local")
     cfg = loaded.config
-    plan = plan_shards(prepared)  # before any server starts: input errors surface in seconds
-    with tags(f"job:{cfg.name}"), open_models(loaded) as (models, warnings):
-        for w in warnings:
-            logger.warning(w)
-        TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards))
-        job = pipeline.make_job(prepared, run_id, models, retry_truncated)
-        logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(plan.shards),
-                    prepared.staging.root)
-        futures = [process_shard.with_options(task_run_name=f"shard-{i:05d}").submit(job, i)
-                   for i in range(len(plan.shards))]
-        wait(futures)
-        stats = [f.result() for f in futures]
-    manifest = commit_output(prepared, job, plan, stats, run_id, started)
+    job, start = None, None
+    try:
+        plan = plan_shards(prepared)  # before any server starts: input errors surface in seconds
+        with tags(f"job:{cfg.name}"), open_models(loaded) as (models, warnings):
+            for w in warnings:
+                logger.warning(w)
+            TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards))
+            job = pipeline.make_job(prepared, run_id, models, retry_truncated)
+            start = pipeline.lineage_start(prepared, job, run_id, loaded.params.get("date"))
+            logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(plan.shards),
+                        prepared.staging.root)
+            futures = [process_shard.with_options(task_run_name=f"shard-{i:05d}").submit(job, i)
+                       for i in range(len(plan.shards))]
+            wait(futures)
+            stats = [f.result() for f in futures]
+        manifest = commit_output(prepared, job, plan, stats, run_id, started, start)
+    except BaseException as e:
+        pipeline.lineage_fail(prepared, job, run_id, start, e)
+        raise
     logger.info("committed %d rows to %s", manifest["rows"], manifest["output"]["uri"])
     return manifest
 

@@ -107,16 +107,69 @@ def make_job(p: Prepared, run_id: str, models: dict[str, ModelRuntime], retry_tr
                cache_nondeterministic=cfg.cache.nondeterministic, retry_truncated=retry_truncated)
 
 
-def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: str, started: float,
-           events: list[dict] | None = None) -> dict[str, Any]:
-    """Merge the shards, write the manifest last, and swap the output into place."""
-    cfg = p.loaded.config
-    stages = job.stages()
+def input_schema(p: Prepared):
     import pyarrow.parquet as pq
 
     with p.staging.fs.open(p.staging.input_shard(0), "rb") as fh:
-        input_schema = pq.read_schema(fh)
-    schema = job.schema(input_schema)
+        return pq.read_schema(fh)
+
+
+def lineage_head(p: Prepared, job: Job, run_id: str) -> dict[str, Any]:
+    cfg = p.loaded.config
+    return {**lineage_summary(p, job, run_id), "namespace": cfg.lineage.openlineage.namespace,
+            "input": {"uri": cfg.input.uri}, "output": {"uri": target_uri(cfg.output.uri, cfg.output.partition)}}
+
+
+def job_lineage_log(p: Prepared) -> tuple:
+    """Every run's events, committed or failed, also go to <output parent>/_modelyard/<name>/openlineage.jsonl."""
+    return p.staging.fs, posixpath.join(posixpath.dirname(p.staging.root), "openlineage.jsonl")
+
+
+def lineage_start(p: Prepared, job: Job, run_id: str, nominal_time: str | None) -> dict:
+    """The START event: sent now over http; kept for the committed output's _lineage/ otherwise."""
+    from modelyard.openlineage import emit, start_event
+
+    head = lineage_head(p, job, run_id)
+    event = start_event(head, input_schema(p), head["output"]["uri"], __version__, nominal_time)
+    cfg = p.loaded.config.lineage.openlineage
+    if cfg.transport == "http":
+        emit([event], cfg)
+    return event
+
+
+def lineage_fail(p: Prepared, job: Job | None, run_id: str, start: dict | None, error: BaseException) -> None:
+    """A FAIL event (after its START) into the job's lineage log, or over http."""
+    from modelyard.openlineage import emit, fail_event
+
+    cfg = p.loaded.config.lineage.openlineage
+    if cfg.transport == "none":
+        return
+    try:
+        if job is not None:
+            head = lineage_head(p, job, run_id)
+        else:  # failed before the models were up: what is known of the run
+            c = p.loaded.config
+            head = {"format": "modelyard.manifest/1", "modelyard_version": __version__, "run_id": run_id,
+                    "job": c.name, "job_key": p.key, "namespace": cfg.namespace, "params": p.loaded.params,
+                    "config": {"path": p.loaded.path, "sha256": p.loaded.sha256, "text": p.loaded.text},
+                    "models": {}, "stages": {}, "input": {"uri": c.input.uri},
+                    "output": {"uri": target_uri(c.output.uri, c.output.partition)}}
+        schema = input_schema(p) if p.staging.fs.exists(p.staging.input_shard(0)) else None
+        event = fail_event(head, schema, f"{type(error).__name__}: {error}")
+    except Exception as e:  # lineage must never hide the run's own error
+        log.warning("lineage: could not build the FAIL event: %s", e)
+        return
+    events = [start, event] if start and cfg.transport == "file" else [event]
+    emit(events, cfg, job_lineage_log(p))
+
+
+def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: str, started: float,
+           start_event: dict | None = None) -> dict[str, Any]:
+    """Merge the shards, write the manifest last, and swap the output into place."""
+    cfg = p.loaded.config
+    stages = job.stages()
+    in_schema = input_schema(p)
+    schema = job.schema(in_schema)
     lineage_meta = lineage_summary(p, job, run_id)
     merged = merge(p.staging, list(range(len(plan.shards))), schema, [s.name for s in stages],
                    target_file_mb=cfg.output.target_file_mb, compression=cfg.output.compression,
@@ -150,15 +203,31 @@ def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: s
         "timing": {"started": _iso(started), "committed": _iso(time.time()), "wall_s": round(time.time() - started, 3),
                    "processing_s": round(wall, 3)},
     }
-    if events is not None:
-        from modelyard.openlineage import write_events
-
-        write_events(p.staging, events)
+    _lineage_complete(p, manifest, in_schema, schema, start_event)
     write_manifest(p.staging, manifest)
     failpoint("before-swap")
     swap_in(p.staging, target)
     p.staging.fs.rm(p.staging.root, recursive=True)
     return manifest
+
+
+def _lineage_complete(p: Prepared, manifest: dict, in_schema, schema, start: dict | None) -> None:
+    from modelyard.openlineage import complete_event, emit, write_events
+
+    cfg = p.loaded.config.lineage.openlineage
+    if cfg.transport == "none":
+        return
+    try:
+        event = complete_event({**manifest, "namespace": cfg.namespace}, in_schema, schema)
+    except Exception as e:  # lineage must never fail a run
+        log.warning("lineage: could not build the COMPLETE event: %s", e)
+        return
+    events = [e for e in (start, event) if e]
+    if cfg.transport == "file":
+        write_events(p.staging, events)
+        emit(events, cfg, job_lineage_log(p))
+    else:
+        emit([event], cfg)
 
 
 def lineage_summary(p: Prepared, job: Job, run_id: str) -> dict[str, Any]:

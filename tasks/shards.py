@@ -28,6 +28,6 @@ def process_shard(job: Job, shard_id: int) -> dict:
 
 @task(name="commit", cache_policy=NO_CACHE)
 def commit_output(prepared: pipeline.Prepared, job: Job, plan: Plan, stats: list[dict], run_id: str,
-                  started: float) -> dict:
+                  started: float, start_event: dict | None = None) -> dict:
     """Merge the shards into parts, write the manifest last, swap the output into place."""
-    return pipeline.commit(prepared, job, plan, stats, run_id, started)
+    return pipeline.commit(prepared, job, plan, stats, run_id, started, start_event)
