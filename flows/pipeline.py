@@ -10,36 +10,42 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger, runtime, tags
-from prefect.futures import wait
+from prefect.futures import as_completed
 
 from modelyard import pipeline
 from modelyard.models import open_models
 from modelyard.progress import TRACKER
+from tasks import ui
 from tasks.shards import commit_output, plan_shards, process_shard
 
 
 def _run_name() -> str:
-    params = runtime.flow_run.parameters
-    job = params.get("config", "modelyard").rsplit("/", 1)[-1].removesuffix(".yaml").removesuffix(".yml")
-    date = (params.get("params") or {}).get("date")
-    return f"{job}-{date}" if date else job
+    """<job>-<partition date>: the config's name, the date parameter or the scheduled date."""
+    p = runtime.flow_run.parameters
+    job = pipeline.job_name(p.get("config", "modelyard"))
+    date = (p.get("params") or {}).get("date") or pipeline.run_date(
+        runtime.flow_run.scheduled_start_time, p.get("timezone") or "UTC")
+    return f"{job}-{date}"
 
 
 @flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int | None = None,
-                 output: str | None = None, retry_truncated: bool = False) -> dict:
-    """Run the pipeline of CONFIG once and return its manifest."""
+                 output: str | None = None, retry_truncated: bool = False, timezone: str = "UTC") -> dict:
+    """Run the pipeline of CONFIG once and return its manifest.
+
+    `params` fill the config's {placeholders}; `date` defaults to the scheduled date of the run in
+    `timezone`, so a scheduled or backfilled run reads and writes its own partition.
+    """
     started = time.time()
     logger = get_run_logger()
-    scheduled = runtime.flow_run.scheduled_start_time
-    loaded = pipeline.load(config, params, output, scheduled)
+    loaded = pipeline.load(config, params, output, runtime.flow_run.scheduled_start_time, timezone)
     prepared = pipeline.prepare(loaded, limit)
     run_id = str(runtime.flow_run.id or "local")
     cfg = loaded.config
     job, start = None, None
     try:
         plan = plan_shards(prepared)  # before any server starts: input errors surface in seconds
-        with tags(f"job:{cfg.name}"), open_models(loaded) as (models, warnings):
+        with tags(*pipeline.run_tags(cfg)), open_models(loaded) as (models, warnings):
             for w in warnings:
                 logger.warning(w)
             TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards))
@@ -47,14 +53,18 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
             start = pipeline.lineage_start(prepared, job, run_id, loaded.params.get("date"))
             logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(plan.shards),
                         prepared.staging.root)
-            futures = [process_shard.with_options(task_run_name=f"shard-{i:05d}").submit(job, i)
+            progress = ui.progress_start(cfg.name, len(plan.shards))
+            stages = "+".join(s.name for s in cfg.stages)
+            futures = [process_shard.with_options(task_run_name=f"{stages} shard-{i:05d}").submit(job, i)
                        for i in range(len(plan.shards))]
-            wait(futures)
+            for done, _ in enumerate(as_completed(futures), start=1):
+                ui.progress_update(progress, done, len(futures))
             stats = [f.result() for f in futures]
         manifest = commit_output(prepared, job, plan, stats, run_id, started, start)
     except BaseException as e:
         pipeline.lineage_fail(prepared, job, run_id, start, e)
         raise
+    ui.publish_run(manifest)
     logger.info("committed %d rows to %s", manifest["rows"], manifest["output"]["uri"])
     return manifest
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -151,6 +152,123 @@ def inspect(
             print_row(out, output, row)
     except UserError as e:
         _fail(e)
+
+
+@app.command()
+def backfill(
+    target: Annotated[str, typer.Argument(help="A config file (runs here, in order) or a deployment "
+                                          "FLOW/NAME on the Prefect server (one flow run per partition).")],
+    start: Annotated[str, typer.Option(help="First partition date, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option(help="Last partition date, YYYY-MM-DD (inclusive).")],
+    every: Annotated[str, typer.Option(help="Step between partitions: 1d, 7d, 1w …")] = "1d",
+    force: Annotated[bool, typer.Option(help="Re-run partitions already committed by the same config.")] = False,
+    parallel: Annotated[int, typer.Option(help="Deployment runs unfinished at once.")] = 2,
+    wait: Annotated[bool, typer.Option(help="Wait for deployment runs to finish.")] = True,
+    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE for other placeholders.")] = [],  # noqa: B006
+) -> None:
+    """One run per partition date from --start to --end; committed partitions are skipped unless --force."""
+    from modelyard import backfill as bf
+    from modelyard.config import parse_params
+
+    prefect_defaults()
+    try:
+        days = bf.dates(start, end, every)
+        is_config = target.endswith((".yaml", ".yml")) or Path(target).is_file()
+        if is_config:
+            params = parse_params(param)
+            pipeline_check(target, {**params, "date": days[0]})
+        elif not os.environ.get("PREFECT_API_URL"):
+            raise UserError(f"{target!r} is not a config file, and a deployment needs a Prefect server: "
+                            "set PREFECT_API_URL")
+    except UserError as e:
+        _fail(e)
+    from rich.live import Live
+
+    def table(parts):
+        from rich.table import Table
+
+        t = Table(title=f"backfill {target}  {start} … {end} every {every}")
+        for c in ("partition", "state", "flow run", "rows", "note"):
+            t.add_column(c)
+        for p in parts:
+            color = {"COMPLETED": "green", "SKIPPED": "cyan", "FAILED": "red", "CRASHED": "red"}.get(p.state, "yellow")
+            t.add_row(p.date, f"[{color}]{p.state}[/]", p.flow_run or "-", "-" if p.rows is None else str(p.rows),
+                      p.note)
+        return t
+
+    live = Live(table([]), console=out, auto_refresh=False, transient=not out.is_terminal) if out.is_terminal else None
+    update = (lambda parts: live.update(table(parts), refresh=True)) if live else None
+    try:
+        if live:
+            live.start()
+        if is_config:
+            from flows.pipeline import run_pipeline  # noqa: F401  (imports Prefect before the runs)
+
+            quiet_user_tracebacks()
+            parts = bf.run_local(target, days, parse_params(param), force, update)
+        else:
+            parts = bf.run_deployment_backfill(target, days, force, parallel, wait, update)
+    except UserError as e:
+        _fail(e)
+    finally:
+        if live:
+            live.stop()
+    if not live:
+        out.print(table(parts))
+    if any(p.state in ("FAILED", "CRASHED", "CANCELLED") for p in parts):
+        raise typer.Exit(1)
+
+
+def pipeline_check(config: str, params: dict[str, str]) -> None:
+    from modelyard import pipeline
+
+    pipeline.prepare(pipeline.load(config, params, None))
+
+
+@app.command()
+def deploy(
+    prefect_yaml: Annotated[Optional[str], typer.Argument(help="Default: deployments/prefect.yaml.")] = None,
+) -> None:
+    """Register the deployments (schedules included) with the Prefect server."""
+    from modelyard.deploy import deploy as do_deploy
+
+    prefect_defaults()
+    try:
+        created, text = do_deploy(prefect_yaml)
+    except UserError as e:
+        _fail(e)
+    for name in created:
+        out.print(f"created process work pool {name!r}")
+    out.print(text.strip())
+    out.print("start a worker with: prefect worker start --pool <pool>")
+
+
+@app.command()
+def serve(
+    config: Annotated[str, typer.Argument(help="Pipeline YAML.")],
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * *'.")],
+    timezone: Annotated[str, typer.Option(help="Time zone of the schedule and of the partition dates.")] = "UTC",
+    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE for other placeholders.")] = [],  # noqa: B006
+) -> None:
+    """Serve one config on a schedule from this process (Prefect `serve`)."""
+    from modelyard import pipeline
+    from modelyard.config import parse_params
+
+    prefect_defaults()
+    try:
+        params = parse_params(param)
+        loaded = pipeline.load(config, params, None)
+        pipeline.prepare(loaded)
+        pipeline.run_date(None, timezone)
+    except UserError as e:
+        _fail(e)
+    from prefect.schedules import Cron
+
+    from flows.pipeline import run_pipeline
+
+    quiet_user_tracebacks()
+    run_pipeline.serve(name=loaded.config.name, schedules=[Cron(cron, timezone=timezone)],
+                       parameters={"config": str(Path(config).resolve()), "params": params, "timezone": timezone})
 
 
 cache_app = typer.Typer(help="The request cache: size report and pruning.", no_args_is_help=True)

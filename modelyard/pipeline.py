@@ -38,10 +38,45 @@ class Prepared:
     limit: int | None
 
 
-def load(config: str, params: dict[str, str] | None, output: str | None, scheduled: dt.datetime | None = None) -> LoadedConfig:
+def run_date(scheduled: dt.datetime | None, timezone: str = "UTC") -> str:
+    """The partition date of a run: its scheduled start (now, for an ad-hoc run) in ``timezone``."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        tz = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        from modelyard.errors import UserError
+
+        raise UserError(f"timezone {timezone!r} is not a known IANA time zone") from None
+    t = scheduled or dt.datetime.now(dt.timezone.utc)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.astimezone(tz).date().isoformat()
+
+
+def job_name(config: str) -> str:
+    """The config's `name`, read cheaply (flow-run names are computed before the flow body)."""
+    import yaml
+
+    try:
+        name = yaml.safe_load(open(config))["name"]
+        return str(name)
+    except Exception:
+        return posixpath.basename(str(config)).rsplit(".", 1)[0]
+
+
+def run_tags(cfg) -> list[str]:
+    """Tags of the run and its tasks: job, every stage, every model."""
+    return [f"job:{cfg.name}", *(f"stage:{s.name}" for s in cfg.stages),
+            *sorted({f"model:{m.model}" for m in cfg.models.values()})]
+
+
+def load(config: str, params: dict[str, str] | None, output: str | None, scheduled: dt.datetime | None = None,
+         timezone: str = "UTC") -> LoadedConfig:
     """Load a config; ``date`` defaults to the (scheduled) run date, ``--output`` overrides output.uri."""
     params = dict(params or {})
-    params.setdefault("date", (scheduled or dt.datetime.now(dt.timezone.utc)).date().isoformat())
+    if "date" not in params:
+        params["date"] = run_date(scheduled, timezone)
     loaded = load_config(config, params)
     if output:
         loaded.config.output.uri = output

@@ -1,0 +1,111 @@
+"""What a run shows in the Prefect UI: artifacts and events. Thin wrappers; never fail a run.
+
+- a progress artifact, updated as shards finish;
+- a table artifact with one row per stage (model, revision, rows, skipped, errors, cached,
+  tokens, rows/s, tokens/s, p50/p95 latency);
+- a markdown summary (output location, manifest facts) and a link artifact to the output;
+- events ``modelyard.stage.finished`` (one per stage) and ``modelyard.run.committed`` for automations.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+from uuid import UUID
+
+log = logging.getLogger("modelyard")
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:100]
+
+
+def progress_start(job: str, shards: int) -> UUID | None:
+    from prefect.artifacts import create_progress_artifact
+
+    try:
+        return create_progress_artifact(0.0, key=artifact_key(job, "progress"),
+                                        description=f"{job}: shards committed out of {shards}")
+    except Exception as e:  # the UI is a view: a failed artifact never fails the run
+        log.warning("could not create the progress artifact: %s", e)
+        return None
+
+
+def progress_update(artifact_id: UUID | None, done: int, total: int) -> None:
+    from prefect.artifacts import update_progress_artifact
+
+    if artifact_id is None:
+        return
+    try:
+        update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
+    except Exception as e:
+        log.warning("could not update the progress artifact: %s", e)
+
+
+def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, s in manifest["stages"].items():
+        m = manifest["models"][s["model"]]
+        rows.append({
+            "stage": name, "model": m["model"], "revision": m["revision"], "rows": s["rows"], "ran": s["ran"],
+            "skipped": s["skipped"], "errors": s["errors"], "cached": s["cached"],
+            "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
+            "rows_per_s": s["rows_per_s"], "tokens_per_s": s["tokens_per_s"],
+            "latency_ms_p50": s["latency_ms_p50"], "latency_ms_p95": s["latency_ms_p95"],
+        })
+    return rows
+
+
+def summary_markdown(manifest: dict[str, Any]) -> str:
+    out = manifest["output"]["uri"]
+    lines = [
+        f"# {manifest['job']}: {manifest['rows']} rows committed",
+        "",
+        f"- output: `{out}` ({len(manifest['files'])} file(s), manifest `{out.rstrip('/')}/_manifest.json`)",
+        f"- partition: `{manifest['output']['partition'] or '-'}`; params: `{manifest['params']}`",
+        f"- input: `{manifest['input']['uri']}` ({manifest['input']['rows']} rows in {manifest['input']['shards']} "
+        f"shards, fingerprint `{manifest['input']['fingerprint'][:16]}`)",
+        f"- config: `{manifest['config']['path']}` sha256 `{manifest['config']['sha256'][:16]}`",
+        f"- errors: {manifest['errors']['rows']} in `{manifest['errors']['path']}`",
+        f"- wall time: {manifest['timing']['wall_s']:.1f} s",
+        "",
+        "| model | served as | revision | engine |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {n} | `{m['model']}` | `{m['revision']}` | vLLM {m['engine_version']} |"
+              for n, m in manifest["models"].items()]
+    return "\n".join(lines)
+
+
+def publish_run(manifest: dict[str, Any]) -> None:
+    """The run's table, summary and link artifacts, and its events."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+    from prefect.events import emit_event
+
+    job = manifest["job"]
+    try:
+        create_table_artifact(stage_rows(manifest), key=artifact_key(job, "stages"),
+                              description=f"{job}: per-stage statistics of this run")
+        create_markdown_artifact(summary_markdown(manifest), key=artifact_key(job, "summary"),
+                                 description=f"{job}: what this run committed")
+        uri = manifest["output"]["uri"]
+        link = uri if "://" in uri else "file://" + uri
+        create_link_artifact(link, link_text=uri, key=artifact_key(job, "output"),
+                             description=f"{job}: the committed output")
+    except Exception as e:
+        log.warning("could not create the run's artifacts: %s", e)
+    try:
+        for row in stage_rows(manifest):
+            emit_event(event="modelyard.stage.finished",
+                       resource={"prefect.resource.id": f"modelyard.stage.{job}.{row['stage']}",
+                                 "prefect.resource.name": f"{job}/{row['stage']}"},
+                       payload={**row, "run_id": manifest["run_id"], "params": manifest["params"]})
+        emit_event(event="modelyard.run.committed",
+                   resource={"prefect.resource.id": f"modelyard.output.{manifest['output']['uri']}",
+                             "prefect.resource.name": job},
+                   payload={"run_id": manifest["run_id"], "rows": manifest["rows"], "errors": manifest["errors"]["rows"],
+                            "output": manifest["output"]["uri"], "params": manifest["params"]})
+    except Exception as e:
+        log.warning("could not emit the run's events: %s", e)
