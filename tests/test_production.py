@@ -153,6 +153,11 @@ def test_partition_rerun_replaces_only_its_partition_and_a_failure_keeps_it(proj
         assert r.returncode == 2 and "line" in r.stderr and "not valid JSON" in r.stderr
     finally:
         src.write_text(good)
+    # and so does a run that fails inside the flow (its model is not served where it says)
+    broken = project["tmp"] / "broken.yaml"
+    broken.write_text(project["cfg"].read_text().replace('tiny: {model: "', 'tiny: {model: "nope-'))
+    r = run_cli("run", str(broken), "--param", f"date={DATES[1]}", env=project["env"])
+    assert r.returncode == 2 and "does not serve 'nope-" in r.stderr, r.stderr[-2000:]
     assert json.loads((out / f"dt={DATES[1]}" / "_manifest.json").read_text())["run_id"] == after[DATES[1]]
     assert sorted(p.name for p in (out / f"dt={DATES[1]}").iterdir()) == files_before
 
@@ -167,7 +172,7 @@ def test_partition_rerun_replaces_only_its_partition_and_a_failure_keeps_it(proj
     assert [f["field"] for f in lineage["label"]["inputFields"]] == ["text"]
     log = [json.loads(x) for x in (project["tmp"] / "_modelyard" / "out" / "openlineage.jsonl").read_text().splitlines()]
     fails = [e for e in log if e["eventType"] == "FAIL"]
-    assert fails and "not valid JSON" in fails[-1]["run"]["facets"]["errorMessage"]["message"]
+    assert fails and "does not serve 'nope-" in fails[-1]["run"]["facets"]["errorMessage"]["message"]
     for e in fails:
         check(e, spec)
     assert SPEC.exists()
