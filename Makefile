@@ -14,7 +14,7 @@ engine: $(ENGINE)/.modelyard-installed
 
 $(VENV)/.modelyard-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,ray,s3]'
 	touch $@
 
 $(ENGINE)/.modelyard-installed: $(ENGINE_REQUIREMENTS) engine/requirements-nodeps.txt

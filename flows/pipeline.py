@@ -16,6 +16,7 @@ from modelyard import pipeline
 from modelyard.models import open_models
 from modelyard.progress import TRACKER
 from tasks import ui
+from tasks.runners import task_runner
 from tasks.shards import commit_output, plan_shards, process_shard
 
 
@@ -30,7 +31,8 @@ def _run_name() -> str:
 
 @flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int | None = None,
-                 output: str | None = None, retry_truncated: bool = False, timezone: str = "UTC") -> dict:
+                 output: str | None = None, retry_truncated: bool = False, timezone: str = "UTC",
+                 runner: str | None = None, gpus: int | None = None) -> dict:
     """Run the pipeline of CONFIG once and return its manifest.
 
     `params` fill the config's {placeholders}; `date` defaults to the scheduled date of the run in
@@ -45,7 +47,8 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     job, start = None, None
     try:
         plan = plan_shards(prepared)  # before any server starts: input errors surface in seconds
-        with tags(*pipeline.run_tags(cfg)), open_models(loaded) as (models, warnings):
+        ui.gpu_plan(cfg, gpus)
+        with tags(*pipeline.run_tags(cfg)), open_models(loaded, gpus=gpus) as (models, warnings):
             for w in warnings:
                 logger.warning(w)
             TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards))
@@ -55,11 +58,12 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                         prepared.staging.root)
             progress = ui.progress_start(cfg.name, len(plan.shards))
             stages = "+".join(s.name for s in cfg.stages)
-            futures = [process_shard.with_options(task_run_name=f"{stages} shard-{i:05d}").submit(job, i)
-                       for i in range(len(plan.shards))]
-            for done, _ in enumerate(as_completed(futures), start=1):
-                ui.progress_update(progress, done, len(futures))
-            stats = [f.result() for f in futures]
+            with task_runner(cfg, runner) as shard_runner:
+                futures = [shard_runner.submit(process_shard.with_options(task_run_name=f"{stages} shard-{i:05d}"),
+                                               {"job": job, "shard_id": i}) for i in range(len(plan.shards))]
+                for done, _ in enumerate(as_completed(futures), start=1):
+                    ui.progress_update(progress, done, len(futures))
+                stats = [f.result() for f in futures]
         manifest = commit_output(prepared, job, plan, stats, run_id, started, start)
     except BaseException as e:
         pipeline.lineage_fail(prepared, job, run_id, start, e)

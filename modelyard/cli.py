@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -73,6 +75,8 @@ def run(
         "the request cache.")] = False,
     retry_truncated: Annotated[bool, typer.Option(
         "--retry-truncated", help="Like --retry-errors, and also re-send requests that stopped at max_tokens.")] = False,
+    runner: Annotated[Optional[str], typer.Option(help="local, ray or dask (default: the config's runner.kind).")] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="GPUs to plan managed servers on (default: detected).")] = None,
 ) -> None:
     """Run the pipeline once and commit its output."""
     from modelyard import pipeline
@@ -84,20 +88,23 @@ def run(
         params = parse_params(param)
         loaded = pipeline.load(config, params, output)
         pipeline.prepare(loaded, limit)  # every user error before Prefect starts
+        from modelyard.planner import plan_for
+
+        if any(m.managed for m in loaded.config.models.values()):
+            err.print(plan_for(loaded.config, gpus).describe(), highlight=False)
         if retry_errors or retry_truncated:
             pipeline.check_retry(loaded, truncated=retry_truncated, console=err)
     except UserError as e:
         _fail(e)
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows.pipeline import run_pipeline
 
     quiet_user_tracebacks()
-    flow = run_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=loaded.config.parallel_shards))
+    if runner not in (None, "local", "ray", "dask"):
+        _fail(UserError(f"--runner {runner!r}: use local, ray or dask"))
     try:
-        with Display(TRACKER, live=sys.stderr.isatty()):
-            manifest = flow(config=config, params=loaded.params, limit=limit, output=output,
-                            retry_truncated=retry_truncated)
+        with prewarm(loaded, gpus), Display(TRACKER, live=sys.stderr.isatty()):
+            manifest = run_pipeline(config=config, params=loaded.params, limit=limit, output=output,
+                                    retry_truncated=retry_truncated, runner=runner, gpus=gpus)
     except UserError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -111,6 +118,28 @@ def run(
     from modelyard.report import print_summary
 
     print_summary(out, manifest)
+
+
+@contextmanager
+def prewarm(loaded, gpus: int | None):
+    """Start the managed servers now, beside Prefect's own start-up; the flow finds them running."""
+    from modelyard.models import server_jobs
+    from modelyard.serving import REGISTRY
+
+    cfg = loaded.config
+    jobs = server_jobs(cfg, gpus, [n for n, m in cfg.models.items() if m.managed])
+    pool = ThreadPoolExecutor(max_workers=max(1, len(jobs)))
+    futures = [pool.submit(REGISTRY.acquire, n, cfg.models[n], cfg.engine, loaded.base_dir, i, dev)
+               for n, i, dev in jobs]
+    try:
+        yield
+    finally:
+        for f in futures:
+            try:
+                REGISTRY.release(f.result())
+            except Exception:  # the flow has reported it already
+                pass
+        pool.shutdown(wait=False)
 
 
 @app.command()

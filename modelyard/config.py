@@ -178,6 +178,15 @@ class CacheConfig(Strict):
         False, description="Also cache sampled requests (temperature > 0 without a seed).")
 
 
+class RunnerConfig(Strict):
+    kind: Literal["local", "ray", "dask"] = Field(
+        "local", description="local: threads of this process; ray: prefect-ray's RayTaskRunner; dask: prefect-dask.")
+    address: str | None = Field(
+        None, description="ray: cluster address (e.g. ray://head:10001); dask: scheduler address. "
+        "Omitted: a local cluster is started for the run.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray cluster started for the run.")
+
+
 class EngineConfig(Strict):
     python: str | None = Field(
         None, description="Python of the engine environment; default $MODELYARD_ENGINE_PYTHON or .venv-engine."
@@ -195,6 +204,7 @@ class PipelineConfig(Strict):
     output: OutputConfig
     lineage: LineageConfig = Field(default_factory=LineageConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @model_validator(mode="after")

@@ -69,20 +69,24 @@ def probe(name: str, m: ModelConfig, endpoints: list[str], served_name: str, rev
 
 
 @contextmanager
-def open_models(loaded: LoadedConfig, only: set[str] | None = None) -> Iterator[tuple[dict[str, ModelRuntime], list[str]]]:
-    """Start managed models, probe all; stop the managed ones on exit (also on error or Ctrl-C)."""
+def open_models(loaded: LoadedConfig, only: set[str] | None = None, gpus: int | None = None
+                ) -> Iterator[tuple[dict[str, ModelRuntime], list[str]]]:
+    """Start managed models (every replica, placed by the GPU planner), probe all; stop the
+    managed ones on exit (also on error or Ctrl-C)."""
     cfg = loaded.config
     names = [n for n in cfg.models if only is None or n in only]
     managed = [n for n in names if cfg.models[n].managed]
-    servers: dict[str, Server] = {}
+    servers: dict[str, list[Server]] = {n: [] for n in managed}
     try:
         if managed:
-            with ThreadPoolExecutor(max_workers=len(managed)) as ex:
-                futs = {n: ex.submit(REGISTRY.acquire, n, cfg.models[n], cfg.engine, loaded.base_dir) for n in managed}
+            jobs = server_jobs(cfg, gpus, managed)
+            with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
+                futs = {(n, i): ex.submit(REGISTRY.acquire, n, cfg.models[n], cfg.engine, loaded.base_dir, i, dev)
+                        for n, i, dev in jobs}
                 errors = []
-                for n, f in futs.items():
+                for (n, _), f in futs.items():
                     try:
-                        servers[n] = f.result()
+                        servers[n].append(f.result())
                     except EngineError as e:
                         errors.append(f"models.{n}: {e}")
                 if errors:
@@ -93,16 +97,37 @@ def open_models(loaded: LoadedConfig, only: set[str] | None = None) -> Iterator[
             m = cfg.models[n]
             if n in servers:
                 _, revision = resolve_model(m.model, python)
-                eps, served = [servers[n].url], servers[n].served_name
+                eps, served = [s.url for s in servers[n]], servers[n][0].served_name
             else:
                 p = Path(m.model)
                 revision = m.revision or ("local" if p.is_dir() else "unpinned")
                 eps, served = list(m.endpoints or []), m.model
             runtimes[n], w = probe(n, m, eps, served, revision)
             warnings += w
-        with Watchdog({n: (s, cfg.models[n].serve.max_restarts if cfg.models[n].serve else 2)
-                       for n, s in servers.items()}):
+        watched = {f"{n}#{i}" if len(group) > 1 else n: (s, cfg.models[n].serve.max_restarts if cfg.models[n].serve else 2)
+                   for n, group in servers.items() for i, s in enumerate(group)}
+        with Watchdog(watched):
             yield runtimes, warnings
     finally:
-        for s in servers.values():
-            REGISTRY.release(s)
+        for group in servers.values():
+            for s in group:
+                REGISTRY.release(s)
+
+
+def server_jobs(cfg, gpus: int | None, names: list[str]) -> list[tuple[str, int, str | None]]:
+    """(model, replica, CUDA_VISIBLE_DEVICES) of every managed server to start."""
+    placements = _placements(cfg, gpus)
+    return [(n, i, placements.get((n, i))) for n in names
+            for i in range(cfg.models[n].serve.replicas if cfg.models[n].serve else 1)]
+
+
+def _placements(cfg, gpus: int | None) -> dict[tuple[str, int], str | None]:
+    """CUDA_VISIBLE_DEVICES of each managed replica, from the GPU planner (nothing on a CPU machine)."""
+    from modelyard.planner import plan_for
+
+    plan = plan_for(cfg, gpus)
+    if len(plan.waves) > 1:
+        raise EngineError(f"the managed models do not fit on {plan.gpus} GPU(s) at once:\n{plan.describe()}\n"
+                          "Running stages in waves is planned but not executed yet: give fewer replicas, "
+                          "smaller tensor_parallel_size, or external endpoints for some models.")
+    return {(p.model, p.replica): p.cuda_visible_devices for w in plan.waves for p in w.placements}

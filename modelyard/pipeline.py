@@ -80,7 +80,16 @@ def load(config: str, params: dict[str, str] | None, output: str | None, schedul
     loaded = load_config(config, params)
     if output:
         loaded.config.output.uri = output
+    cfg = loaded.config
+    # absolute local paths: shard tasks may run in other processes (Ray, Dask, a worker) with another cwd
+    cfg.input.uri, cfg.output.uri = _absolute(cfg.input.uri), _absolute(cfg.output.uri)
     return loaded
+
+
+def _absolute(uri: str) -> str:
+    if "://" in uri:
+        return uri
+    return os.path.abspath(uri) + ("/" if uri.endswith("/") else "")
 
 
 def prepare(loaded: LoadedConfig, limit: int | None = None) -> Prepared:

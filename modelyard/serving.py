@@ -205,7 +205,9 @@ class Registry:
         self.servers: dict[tuple, Server] = {}
         self.lock = threading.Lock()
 
-    def acquire(self, name: str, model: ModelConfig, engine: EngineConfig, base_dir: Path) -> Server:
+    def acquire(self, name: str, model: ModelConfig, engine: EngineConfig, base_dir: Path, replica: int = 0,
+                devices: str | None = None) -> Server:
+        """A running server of the model (replica ``replica``, pinned to GPUs ``devices`` if given)."""
         python = engine_python(engine, base_dir)
         path, _ = resolve_model(model.model, python)
         serve = model.serve
@@ -225,7 +227,9 @@ class Registry:
         env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **engine.env, **(serve.env if serve else {})}
         if Path(path).is_dir():
             env.setdefault("HF_HUB_OFFLINE", "1")
-        key = (python, path, model.model, tuple(vllm_args(opts)), tuple(sorted(env.items())))
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        key = (python, path, model.model, tuple(vllm_args(opts)), tuple(sorted(env.items())), replica)
         with self.lock:
             server = self.servers.get(key)
             if server is None or not server.alive() and server.refs == 0:

@@ -44,6 +44,24 @@ def progress_update(artifact_id: UUID | None, done: int, total: int) -> None:
         log.warning("could not update the progress artifact: %s", e)
 
 
+def gpu_plan(cfg, gpus: int | None) -> None:
+    """The GPU plan of the managed servers: logged, and a markdown artifact."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_markdown_artifact
+
+    from modelyard.planner import plan_for
+
+    if not any(m.managed for m in cfg.models.values()):
+        return
+    plan = plan_for(cfg, gpus)
+    get_run_logger().info(plan.describe())
+    try:
+        create_markdown_artifact(plan.to_markdown(), key=artifact_key(cfg.name, "gpu-plan"),
+                                 description=f"{cfg.name}: where each managed vLLM server runs")
+    except Exception as e:
+        log.warning("could not create the GPU plan artifact: %s", e)
+
+
 def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, s in manifest["stages"].items():

@@ -1,0 +1,52 @@
+"""The task runner that runs shard tasks: threads here, or workers of Ray or Dask.
+
+Chosen at run time from the config's `runner:` (or `--runner`), so one deployment can run on a
+laptop or on a cluster. Shard tasks get a picklable `Job` and reach data through fsspec; API keys
+travel as environment variables of the workers (Ray's runtime_env), never inside pickled
+arguments or logs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from modelyard.config import PipelineConfig
+from modelyard.errors import ConfigError
+
+
+def secret_env(cfg: PipelineConfig) -> dict[str, str]:
+    names = {m.api_key_env for m in cfg.models.values() if m.api_key_env}
+    return {n: os.environ[n] for n in names if n in os.environ}
+
+
+def task_runner(cfg: PipelineConfig, kind: str | None = None) -> TaskRunner:
+    kind = kind or cfg.runner.kind
+    if kind == "local":
+        return ThreadPoolTaskRunner(max_workers=cfg.parallel_shards)
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ConfigError("runner ray needs prefect-ray: pip install 'modelyard[ray]'") from None
+        init: dict = {"runtime_env": {"env_vars": {**secret_env(cfg), "PYTHONPATH": _project_path()}},
+                      "include_dashboard": False, "log_to_driver": False}
+        if cfg.runner.address is None:
+            init["num_cpus"] = cfg.runner.num_cpus or os.cpu_count() or 2
+        else:
+            init.pop("include_dashboard")
+        return RayTaskRunner(address=cfg.runner.address, init_kwargs=init)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ConfigError("runner dask needs prefect-dask: pip install prefect-dask") from None
+        return DaskTaskRunner(address=cfg.runner.address) if cfg.runner.address else DaskTaskRunner()
+    raise ConfigError(f"unknown runner {kind!r}: local, ray or dask")
+
+
+def _project_path() -> str:
+    from modelyard.serving import PROJECT
+
+    return os.pathsep.join(p for p in (str(PROJECT), os.environ.get("PYTHONPATH", "")) if p)
