@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ENGINE := .venv-engine
 ENGINE_REQUIREMENTS ?= engine/requirements.txt
+ENGINE_CONSTRAINTS ?= engine/constraints-cpu.txt
 
 .PHONY: setup orchestrator engine demo test unit bench clean
 
@@ -12,14 +13,14 @@ setup: orchestrator engine
 orchestrator: $(VENV)/.modelyard-installed
 engine: $(ENGINE)/.modelyard-installed
 
-$(VENV)/.modelyard-installed: pyproject.toml
+$(VENV)/.modelyard-installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[test,ray,s3]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,ray,s3]'
 	touch $@
 
-$(ENGINE)/.modelyard-installed: $(ENGINE_REQUIREMENTS) engine/requirements-nodeps.txt
+$(ENGINE)/.modelyard-installed: $(ENGINE_REQUIREMENTS) engine/requirements-nodeps.txt $(ENGINE_CONSTRAINTS)
 	$(PYTHON) -m venv $(ENGINE)
-	$(ENGINE)/bin/pip install -q -r $(ENGINE_REQUIREMENTS)
+	$(ENGINE)/bin/pip install -q -r $(ENGINE_REQUIREMENTS) $(if $(ENGINE_CONSTRAINTS),-c $(ENGINE_CONSTRAINTS))
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break imports beside the CPU torch;
 	# vLLM's text and embedding paths need none of them.
 	$(ENGINE)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true

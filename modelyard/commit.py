@@ -25,6 +25,7 @@ from modelyard.staging import Staging, write_bytes_atomic
 MANIFEST = "_manifest.json"
 # In a folder of its own: a `*.parquet` glob over the output (DuckDB, datasets) must match parts only.
 ERRORS = "_errors/errors.parquet"
+LINEAGE = "_lineage/openlineage.jsonl"
 
 
 def target_uri(output_uri: str, partition: str | None) -> str:
@@ -35,8 +36,9 @@ def target_uri(output_uri: str, partition: str | None) -> str:
 class _Parts:
     """Writes tables into part-NNNNN.parquet files of about ``target_bytes`` each."""
 
-    def __init__(self, staging: Staging, folder: str, schema: pa.Schema, target_bytes: float, compression: str):
-        self.staging, self.folder, self.schema = staging, folder, schema
+    def __init__(self, staging: Staging, folder: str, schema: pa.Schema, target_bytes: float, compression: str,
+                 prefix: str = "part"):
+        self.staging, self.folder, self.schema, self.prefix = staging, folder, schema, prefix
         self.target, self.compression = target_bytes, compression
         self.files: list[dict[str, Any]] = []
         self.writer: pq.ParquetWriter | None = None
@@ -46,7 +48,7 @@ class _Parts:
 
     def add(self, table: pa.Table, approx_bytes: int) -> None:
         if self.writer is None:
-            name = f"part-{len(self.files):05d}.parquet"
+            name = f"{self.prefix}-{len(self.files):05d}.parquet"
             self.fh = self.staging.fs.open(posixpath.join(self.folder, name), "wb")
             self.writer = pq.ParquetWriter(self.fh, self.schema, compression=self.compression)
             self.files.append({"path": name, "rows": 0})
@@ -82,7 +84,10 @@ def merge(staging: Staging, shard_ids: list[int], schema: pa.Schema, stage_names
         fs.rm(folder, recursive=True)
     fs.makedirs(folder, exist_ok=True)
     schema = schema.with_metadata({"modelyard": json.dumps(lineage_meta, sort_keys=True)})
-    parts = _Parts(staging, folder, schema, target_file_mb * 1e6, compression)
+    # On an object store the parts are copied beside the previous version before the manifest
+    # switches to them, so their names must be new: part-<run>-NNNNN.parquet.
+    prefix = "part" if renames_atomically(fs) else f"part-{lineage_meta['run_id'][:8]}"
+    parts = _Parts(staging, folder, schema, target_file_mb * 1e6, compression, prefix)
     latencies: dict[str, list[pa.Array]] = {s: [] for s in stage_names}
     err_writer = None
     err_rows = 0
@@ -124,10 +129,24 @@ def write_manifest(staging: Staging, manifest: dict[str, Any]) -> None:
                        json.dumps(manifest, indent=2, default=str).encode())
 
 
+def renames_atomically(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
+
+
 def swap_in(staging: Staging, target: str) -> None:
-    """Rename the commit folder over ``target``, moving the previous version aside first."""
+    """Put the commit folder in place of ``target``.
+
+    A local filesystem renames the folder (the previous version moved aside first). An object
+    store has no rename: the new files are copied beside the old ones, then the manifest, the
+    commit point, is replaced in one write, then the files it no longer lists are deleted.
+    Readers that trust the manifest (``inspect`` among them) never see a mix.
+    """
     fs = staging.fs
     _, tpath = _split(target)
+    if not renames_atomically(fs):
+        _publish_by_manifest(staging, tpath.rstrip("/"))
+        return
     new = staging.path("commit")
     old = staging.path(f"previous-{int(time.time() * 1000)}")
     fs.makedirs(posixpath.dirname(tpath.rstrip("/")), exist_ok=True)
@@ -136,6 +155,24 @@ def swap_in(staging: Staging, target: str) -> None:
     fs.mv(new, tpath, recursive=True)
     if fs.exists(old):
         fs.rm(old, recursive=True)
+
+
+def _publish_by_manifest(staging: Staging, tpath: str) -> None:
+    fs = staging.fs
+    new = staging.path("commit")
+    manifest = json.loads(fs.cat_file(posixpath.join(new, MANIFEST)))
+    keep = {f["path"] for f in manifest["files"]} | {ERRORS, LINEAGE, MANIFEST}
+    for rel in sorted(keep - {MANIFEST}):
+        src = posixpath.join(new, rel)
+        if fs.exists(src):
+            fs.copy(src, posixpath.join(tpath, rel))
+    failpoint("publish-before-manifest")
+    fs.copy(posixpath.join(new, MANIFEST), posixpath.join(tpath, MANIFEST))
+    for f in fs.find(tpath):
+        rel = posixpath.relpath(f, tpath)
+        if rel not in keep:
+            fs.rm(f)
+    fs.rm(new, recursive=True)
 
 
 def _split(uri: str):
