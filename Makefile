@@ -1,12 +1,13 @@
 # make demo   - build both environments if missing, run the offline demo, inspect its output
 # make test   - build both environments if missing, run the whole test suite
+# make bench  - the benchmarks (bench-throughput, bench-memory, bench-overlap), a few minutes each
 PYTHON ?= python3
 VENV := .venv
 ENGINE := .venv-engine
 ENGINE_REQUIREMENTS ?= engine/requirements.txt
 ENGINE_CONSTRAINTS ?= engine/constraints-cpu.txt
 
-.PHONY: setup orchestrator engine demo test unit bench clean
+.PHONY: setup orchestrator engine demo test unit bench bench-throughput bench-memory bench-overlap clean
 
 setup: orchestrator engine
 
@@ -38,6 +39,17 @@ test: setup
 
 unit: orchestrator
 	$(VENV)/bin/python -m pytest -q -m "not engine"
+
+bench: bench-throughput bench-memory bench-overlap
+
+bench-throughput: setup
+	$(VENV)/bin/python benchmarks/throughput.py
+
+bench-memory: setup
+	$(VENV)/bin/python benchmarks/memory.py
+
+bench-overlap: setup
+	$(VENV)/bin/python benchmarks/overlap.py
 
 clean:
 	rm -rf out/ .pytest_cache

@@ -11,6 +11,7 @@ import asyncio
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -55,7 +56,12 @@ class Endpoint:
 
 @dataclass
 class Pool:
-    """The replicas of one model; requests go to the one with the fewest in flight."""
+    """The replicas of one model; requests go to the one with the fewest in flight.
+
+    Requests beyond ``limit`` per endpoint wait in one FIFO queue and are handed a slot as one
+    frees, so waiting costs nothing per waiter however many rows a shard holds (no polling by
+    each waiter), and requests leave in the order they arrived. Used from the dispatcher's loop.
+    """
 
     name: str
     endpoints: list[Endpoint]
@@ -63,13 +69,8 @@ class Pool:
     api_key_env: str | None = None
     timeout: float = 300.0
     retries: int = 3
-    _cond: asyncio.Condition | None = field(default=None, repr=False)
-
-    @property
-    def cond(self) -> asyncio.Condition:
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        return self._cond
+    _waiters: deque = field(default_factory=deque, repr=False)
+    _poller: asyncio.Task | None = field(default=None, repr=False)
 
     def _pick(self) -> Endpoint | None:
         now = time.monotonic()
@@ -87,24 +88,68 @@ class Pool:
             return None  # a healthy replica is busy: wait for it rather than hit a dead one
         return min(up or free, key=lambda e: (e.in_flight, e.served))
 
+    async def acquire(self) -> Endpoint:
+        """A slot on the least busy usable endpoint; waits (FIFO) while there is none."""
+        if not self._waiters:
+            ep = self._pick()
+            if ep is not None:
+                ep.in_flight += 1
+                return ep
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._wake()
+        if not fut.done():
+            self._ensure_poller()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result(), served=False)  # handed a slot just as it was cancelled
+            raise
+
+    def release(self, ep: Endpoint, served: bool = True) -> None:
+        ep.in_flight -= 1
+        if served:
+            ep.served += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        """Hand free slots to the waiters at the head of the queue."""
+        waiters = self._waiters
+        while waiters:
+            if waiters[0].done():  # cancelled while waiting
+                waiters.popleft()
+                continue
+            try:
+                ep = self._pick()
+            except ModelGone as e:
+                while waiters:
+                    f = waiters.popleft()
+                    if not f.done():
+                        f.set_exception(ModelGone(str(e)))
+                return
+            if ep is None:
+                return
+            ep.in_flight += 1
+            waiters.popleft().set_result(ep)
+
+    def _ensure_poller(self) -> None:
+        """Endpoint states change outside the loop (watchdog, back-off expiry): look again now and then."""
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while self._waiters:
+            await asyncio.sleep(0.25)
+            self._wake()
+
     @asynccontextmanager
     async def slot(self):
-        async with self.cond:
-            ep = self._pick()
-            while ep is None:
-                try:
-                    await asyncio.wait_for(self.cond.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
-                ep = self._pick()
-            ep.in_flight += 1
+        ep = await self.acquire()
         try:
             yield ep
         finally:
-            async with self.cond:
-                ep.in_flight -= 1
-                ep.served += 1
-                self.cond.notify()
+            self.release(ep)
 
     def headers(self) -> dict[str, str]:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
