@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger, runtime, tags
-from prefect.futures import as_completed
 
 from modelyard import pipeline
 from modelyard.models import open_models
 from modelyard.progress import TRACKER
 from tasks import ui
+from flows.shards import run_shards
 from tasks.runners import task_runner
 from tasks.shards import commit_output, plan_shards, process_shard
 
@@ -58,12 +58,8 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                         prepared.staging.root)
             progress = ui.progress_start(cfg.name, len(plan.shards))
             stages = "+".join(s.name for s in cfg.stages)
-            with task_runner(cfg, runner) as shard_runner:
-                futures = [shard_runner.submit(process_shard.with_options(task_run_name=f"{stages} shard-{i:05d}"),
-                                               {"job": job, "shard_id": i}) for i in range(len(plan.shards))]
-                for done, _ in enumerate(as_completed(futures), start=1):
-                    ui.progress_update(progress, done, len(futures))
-                stats = [f.result() for f in futures]
+            shards = run_shards.with_options(task_runner=task_runner(cfg, runner))
+            stats = shards(job, list(range(len(plan.shards))), stages, progress)
         manifest = commit_output(prepared, job, plan, stats, run_id, started, start)
     except BaseException as e:
         pipeline.lineage_fail(prepared, job, run_id, start, e)

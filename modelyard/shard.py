@@ -57,6 +57,10 @@ class Job:
     retry_truncated: bool = False
     _stages: list[Stage] | None = field(default=None, repr=False, compare=False)
 
+    def __getstate__(self) -> dict:
+        """Compiled stages stay behind when a job travels to a worker; it compiles its own."""
+        return {**self.__dict__, "_stages": None}
+
     def staging(self) -> Staging:
         return Staging.for_job(self.output_root, self.job_key)
 
@@ -125,8 +129,31 @@ def _write(staging: Staging, path: str, table: pa.Table) -> None:
 
 async def _run_rows(dispatcher: Dispatcher, stages: list[Stage], pools: dict[str, Pool], job: Job,
                     rows: list[dict], tracker: Tracker) -> list[tuple[dict, dict, list]]:
+    """Every row of the shard at once; the pools bound what is in flight. Results in row order."""
     client = dispatcher.client
-    return await asyncio.gather(*(_run_row(client, stages, pools, job, row, tracker) for row in rows))
+    results: list = [None] * len(rows)
+
+    async def one(i: int) -> None:
+        results[i] = await _run_row(client, stages, pools, job, rows[i], tracker)
+
+    # Requests leave in the order the rows start (the pools queue FIFO): rows whose first prompts
+    # share a prefix go together, so the engine's prefix cache serves the shared part.
+    await asyncio.gather(*(one(i) for i in launch_order(stages[0], rows)))
+    return results
+
+
+def launch_order(st: Stage, rows: list[dict]) -> list[int]:
+    """Row indices sorted by the first stage's rendered prompt (input order where that is not cheap)."""
+    n = len(rows)
+    if n < 3 or st.embed or st.condition is not None:
+        return list(range(n))
+    keys = []
+    for row in rows:
+        try:
+            keys.append((st.system.render(row) if st.system else "") + "\0" + st.template.render(row))
+        except Exception:  # noqa: BLE001 - the row's own run reports it
+            keys.append("")
+    return sorted(range(n), key=keys.__getitem__)
 
 
 async def _run_row(client, stages: list[Stage], pools: dict[str, Pool], job: Job, row: dict,

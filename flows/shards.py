@@ -1,0 +1,22 @@
+"""The fan-out as a subflow, so that its task runner can be chosen at run time.
+
+`run_shards.with_options(task_runner=...)` runs shard tasks on threads, Ray or Dask. Ray
+serialises the running flow with each task, so this module keeps its globals few and picklable.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.futures import as_completed
+
+from tasks import ui
+from tasks.shards import process_shard
+
+
+@flow(name="modelyard-shards", flow_run_name="{stages}-shards", validate_parameters=False)
+def run_shards(job, shard_ids: list[int], stages: str, progress=None) -> list[dict]:
+    """Process every shard; update the progress artifact as they finish; return their statistics."""
+    futures = [process_shard.with_options(task_run_name=f"{stages} shard-{i:05d}").submit(job, i) for i in shard_ids]
+    for done, _ in enumerate(as_completed(futures), start=1):
+        ui.progress_update(progress, done, len(futures))
+    return [f.result() for f in futures]
