@@ -198,3 +198,63 @@ engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
     counts = {e: endpoints.count(e) for e in set(endpoints)}
     assert len(counts) == 2 and min(counts.values()) >= 20, counts  # both replicas served rows
     assert m["models"]["tiny"]["revision"]
+
+
+def test_every_replica_gone_fails_the_run_naming_the_model_then_a_rerun_resumes(prefect_harness, tmp_path,
+                                                                               monkeypatch):
+    """A managed model whose only server dies past its restart budget: the run fails naming the
+    model with its last log lines and commits nothing; a later run finishes the remaining shards."""
+    from flows.pipeline import run_pipeline
+    from modelyard.client import ModelGone
+    from modelyard.progress import TRACKER
+    from modelyard.serving import REGISTRY
+
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "text": f"ticket {i}"}) + "\n" for i in range(120)))
+    cfg = tmp_path / "gone.yaml"
+    cfg.write_text(f"""
+name: gone
+input: {{uri: "{data}", key: id}}
+shard_rows: 30
+parallel_shards: 1
+models:
+  solo:
+    model: builtin:tiny-llama
+    serve: {{max_model_len: 640, max_num_seqs: 8, max_restarts: 0}}
+stages:
+  - {{name: gen, model: solo, prompt: "{{{{ text }}}}", params: {{max_tokens: 16, ignore_eos: true, temperature: 0}},
+      output: y}}
+output: {{uri: "{tmp_path / 'out'}"}}
+cache: {{enabled: false}}
+engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
+""")
+    before = set(REGISTRY.servers)
+
+    def killer():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            c = TRACKER.counters.get("gen")
+            if c is not None and c.rows >= 45:  # shard 0 committed, shard 1 in flight
+                (server,) = [s for k, s in REGISTRY.servers.items() if k not in before and s.alive()]
+                launcher = psutil.Process(server.proc.pid)
+                (api,) = [p for p in launcher.children() if "api_server" in " ".join(p.cmdline())]
+                os.kill(api.pid, signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    TRACKER.reset([], 0, 0)
+    threading.Thread(target=killer, daemon=True).start()
+    with pytest.raises(ModelGone) as e:
+        run_pipeline(config=str(cfg))
+    assert "model 'solo'" in str(e.value) and "Last lines of" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    done = list((tmp_path / "_modelyard" / "out").glob("*/results/*.done.json"))
+    assert 1 <= len(done) < 4
+    first_run = json.loads(done[0].read_text())
+
+    m = run_pipeline(config=str(cfg))
+    table = ds.dataset(tmp_path / "out", format="parquet").to_table()
+    assert table.num_rows == 120 and m["stages"]["gen"]["errors"] == 0
+    assert len(set(table.column("_run_id").to_pylist())) == 2  # the committed shards kept their first run
+    assert first_run["rows"] == 30
