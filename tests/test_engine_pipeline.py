@@ -74,7 +74,10 @@ def test_demo_commits_every_row_once_with_lineage(demo_run):
             else:
                 for f in LINEAGE_WHEN_RUN:
                     assert rec[f] is not None, (r["_row_key"], stage, f)
-                assert rec["attempts"] >= 1 and rec["cached"] is False
+                if rec["cached"]:  # the same request earlier in this run (e.g. two identical replies)
+                    assert rec["attempts"] == 0 and rec["endpoint"] == "cache"
+                else:
+                    assert rec["attempts"] >= 1 and rec["endpoint"].startswith("http://127.0.0.1:")
                 assert r[out_col] is not None
     assert errors == manifest["errors"]["rows"] == sum(s["errors"] for s in manifest["stages"].values())
 
@@ -136,7 +139,9 @@ def test_manifest_and_metadata(demo_run):
     stats = on_disk["stages"]["classify"]
     assert stats["ran"] == 300 and stats["completion_tokens"] > 0 and stats["latency_ms_p95"] >= stats["latency_ms_p50"]
     assert on_disk["stages"]["extract"]["skipped"] + on_disk["stages"]["extract"]["ran"] == 300
-    assert not (out.parent / "_modelyard" / "out").exists() or not any((out.parent / "_modelyard" / "out").iterdir())
+    # the job's staging folder is gone after the commit; the cache and the lineage log stay
+    job_dir = out.parent / "_modelyard" / "out"
+    assert sorted(p.name for p in job_dir.iterdir()) == ["cache.sqlite", "openlineage.jsonl"]
 
 
 def test_inspect_shows_stats_and_one_rows_provenance(demo_run):
