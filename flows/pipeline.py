@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger, runtime, tags
 
 from modelyard import pipeline
 from modelyard.models import open_models
+from modelyard.planner import plan_for
 from modelyard.progress import TRACKER
 from tasks import ui
 from flows.shards import run_shards
@@ -47,19 +48,39 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     job, start = None, None
     try:
         plan = plan_shards(prepared)  # before any server starts: input errors surface in seconds
-        ui.gpu_plan(cfg, gpus)
-        with tags(*pipeline.run_tags(cfg)), open_models(loaded, gpus=gpus) as (models, warnings):
-            for w in warnings:
-                logger.warning(w)
-            TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards))
-            job = pipeline.make_job(prepared, run_id, models, retry_truncated)
-            start = pipeline.lineage_start(prepared, job, run_id, loaded.params.get("date"))
-            logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(plan.shards),
-                        prepared.staging.root)
-            progress = ui.progress_start(cfg.name, len(plan.shards))
-            stages = "+".join(s.name for s in cfg.stages)
-            shards = run_shards.with_options(task_runner=task_runner(cfg, runner))
-            stats = shards(job, list(range(len(plan.shards))), stages, progress)
+        gpu_plan = plan_for(cfg, gpus)
+        ui.gpu_plan(cfg, gpu_plan)
+        waves = gpu_plan.waves
+        TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards) * len(waves))
+        models: dict = {}
+        ids = list(range(len(plan.shards)))
+        for k, wave in enumerate(waves):
+            names = [cfg.stages[i].name for i in wave.stages]
+            last = k == len(waves) - 1
+            label = f"wave {k + 1} of {len(waves)} ({', '.join(names)}): " if len(waves) > 1 else ""
+            known = None if last else pipeline.finished_wave(prepared, len(ids), k)
+            if known is not None:
+                logger.info("%severy shard finished in an earlier attempt; its servers are not started", label)
+                models.update(known)
+                continue
+            used = {cfg.stages[i].model for i in wave.stages}
+            with tags(*pipeline.run_tags(cfg)), open_models(loaded, only=used, gpus=gpus, wave=k) as (up, warnings):
+                for w in warnings:
+                    logger.warning(w)
+                models.update(up)
+                if not last:
+                    pipeline.save_wave_models(prepared, k, up)
+                job = pipeline.make_job(prepared, run_id, dict(models), retry_truncated, k, len(waves),
+                                        tuple(wave.stages))
+                if start is None:
+                    start = pipeline.lineage_start(prepared, job, run_id, loaded.params.get("date"))
+                    logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(plan.shards),
+                                prepared.staging.root)
+                if label:
+                    logger.info("%sstarting on %d shards", label, len(ids))
+                progress = ui.progress_start(cfg.name, len(ids), label)
+                shards = run_shards.with_options(task_runner=task_runner(cfg, runner))
+                stats = shards(job, ids, "+".join(names), progress)
         manifest = commit_output(prepared, job, plan, stats, run_id, started, start)
     except BaseException as e:
         pipeline.lineage_fail(prepared, job, run_id, start, e)

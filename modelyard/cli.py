@@ -124,9 +124,13 @@ def run(
 def prewarm(loaded, gpus: int | None):
     """Start the managed servers now, beside Prefect's own start-up; the flow finds them running."""
     from modelyard.models import server_jobs
+    from modelyard.planner import plan_for
     from modelyard.serving import REGISTRY
 
     cfg = loaded.config
+    if len(plan_for(cfg, gpus).waves) > 1:  # the flow stops each wave's servers: holding them here would not
+        yield
+        return
     jobs = server_jobs(cfg, gpus, [n for n, m in cfg.models.items() if m.managed])
     pool = ThreadPoolExecutor(max_workers=max(1, len(jobs)))
     futures = [pool.submit(REGISTRY.acquire, n, cfg.models[n], cfg.engine, loaded.base_dir, i, dev)

@@ -69,17 +69,18 @@ def probe(name: str, m: ModelConfig, endpoints: list[str], served_name: str, rev
 
 
 @contextmanager
-def open_models(loaded: LoadedConfig, only: set[str] | None = None, gpus: int | None = None
+def open_models(loaded: LoadedConfig, only: set[str] | None = None, gpus: int | None = None, wave: int = 0
                 ) -> Iterator[tuple[dict[str, ModelRuntime], list[str]]]:
-    """Start managed models (every replica, placed by the GPU planner), probe all; stop the
-    managed ones on exit (also on error or Ctrl-C)."""
+    """Start managed models (every replica, placed by the GPU planner for GPU wave ``wave``),
+    probe all; stop the managed ones on exit (also on error or Ctrl-C)."""
     cfg = loaded.config
-    names = [n for n in cfg.models if only is None or n in only]
+    used = {st.model for st in cfg.stages}
+    names = [n for n in cfg.models if n in (used if only is None else only)]
     managed = [n for n in names if cfg.models[n].managed]
     servers: dict[str, list[Server]] = {n: [] for n in managed}
     try:
         if managed:
-            jobs = server_jobs(cfg, gpus, managed)
+            jobs = server_jobs(cfg, gpus, managed, wave)
             with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
                 futs = {(n, i): ex.submit(REGISTRY.acquire, n, cfg.models[n], cfg.engine, loaded.base_dir, i, dev)
                         for n, i, dev in jobs}
@@ -114,20 +115,9 @@ def open_models(loaded: LoadedConfig, only: set[str] | None = None, gpus: int | 
                 REGISTRY.release(s)
 
 
-def server_jobs(cfg, gpus: int | None, names: list[str]) -> list[tuple[str, int, str | None]]:
-    """(model, replica, CUDA_VISIBLE_DEVICES) of every managed server to start."""
-    placements = _placements(cfg, gpus)
-    return [(n, i, placements.get((n, i))) for n in names
-            for i in range(cfg.models[n].serve.replicas if cfg.models[n].serve else 1)]
-
-
-def _placements(cfg, gpus: int | None) -> dict[tuple[str, int], str | None]:
-    """CUDA_VISIBLE_DEVICES of each managed replica, from the GPU planner (nothing on a CPU machine)."""
+def server_jobs(cfg, gpus: int | None, names: list[str], wave: int = 0) -> list[tuple[str, int, str | None]]:
+    """(model, replica, CUDA_VISIBLE_DEVICES) of every managed server of ``names`` to start in a wave."""
     from modelyard.planner import plan_for
 
     plan = plan_for(cfg, gpus)
-    if len(plan.waves) > 1:
-        raise EngineError(f"the managed models do not fit on {plan.gpus} GPU(s) at once:\n{plan.describe()}\n"
-                          "Running stages in waves is planned but not executed yet: give fewer replicas, "
-                          "smaller tensor_parallel_size, or external endpoints for some models.")
-    return {(p.model, p.replica): p.cuda_visible_devices for w in plan.waves for p in w.placements}
+    return [(p.model, p.replica, p.cuda_visible_devices) for p in plan.waves[wave].placements if p.model in names]

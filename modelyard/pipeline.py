@@ -6,6 +6,7 @@ tasks, names, retries and fan-out around them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -144,11 +145,26 @@ def cache_path(cfg) -> str | None:
     return str(home() / "cache" / f"{cfg.name}.sqlite")  # SQLite needs a local file
 
 
-def make_job(p: Prepared, run_id: str, models: dict[str, ModelRuntime], retry_truncated: bool = False) -> Job:
+def make_job(p: Prepared, run_id: str, models: dict[str, ModelRuntime], retry_truncated: bool = False,
+             wave: int = 0, waves: int = 1, wave_stages: tuple[int, ...] | None = None) -> Job:
     cfg = p.loaded.config
     return Job(config=cfg, base_dir=str(p.loaded.base_dir), job_key=p.key, output_root=cfg.output.uri,
                run_id=run_id, models=models, cache_path=cache_path(cfg),
-               cache_nondeterministic=cfg.cache.nondeterministic, retry_truncated=retry_truncated)
+               cache_nondeterministic=cfg.cache.nondeterministic, retry_truncated=retry_truncated,
+               wave=wave, waves=waves, wave_stages=wave_stages)
+
+
+def finished_wave(p: Prepared, shards: int, wave: int) -> dict[str, ModelRuntime] | None:
+    """The models of a GPU wave (not the last) whose every shard an earlier attempt finished;
+    None if there is work left in it. A resumed run skips such a wave without starting its servers."""
+    st = p.staging
+    if not st.fs.exists(st.wave_models(wave)) or not all(st.fs.exists(st.wave_shard(i, wave)) for i in range(shards)):
+        return None
+    return {n: ModelRuntime(**d) for n, d in st.read_json(st.wave_models(wave)).items()}
+
+
+def save_wave_models(p: Prepared, wave: int, models: dict[str, ModelRuntime]) -> None:
+    p.staging.write_json(p.staging.wave_models(wave), {n: dataclasses.asdict(rt) for n, rt in models.items()})
 
 
 def input_schema(p: Prepared):

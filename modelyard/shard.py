@@ -55,6 +55,9 @@ class Job:
     cache_path: str | None = None
     cache_nondeterministic: bool = False
     retry_truncated: bool = False
+    wave: int = 0  # which GPU wave this pass runs (see modelyard.planner); most runs have one
+    waves: int = 1
+    wave_stages: tuple[int, ...] | None = None  # the stages of this wave; None: every stage
     _stages: list[Stage] | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -65,13 +68,24 @@ class Job:
         return Staging.for_job(self.output_root, self.job_key)
 
     def stages(self) -> list[Stage]:
+        """Every stage of the config, compiled. A stage of a later wave, whose model is not up yet,
+        compiles with the configured model name: it is described (lineage) but sends nothing."""
         if self._stages is None:
-            self._stages = [
-                Stage(s, self.config.models[s.model], self.models[s.model].served_name, Path(self.base_dir),
-                      self.models[s.model].dimensions)
-                for s in self.config.stages
-            ]
+            self._stages = []
+            for s in self.config.stages:
+                rt = self.models.get(s.model)
+                self._stages.append(Stage(s, self.config.models[s.model], rt.served_name if rt else s.model,
+                                          Path(self.base_dir), rt.dimensions if rt else None))
         return self._stages
+
+    def active(self) -> list[Stage]:
+        """The stages this pass runs: all, or those of its wave."""
+        st = self.stages()
+        return st if self.wave_stages is None else [st[i] for i in self.wave_stages]
+
+    @property
+    def last_wave(self) -> bool:
+        return self.wave == self.waves - 1
 
     def cache(self) -> RequestCache | None:
         return open_cache(self.cache_path) if self.cache_path else None
@@ -79,7 +93,8 @@ class Job:
     def pools(self) -> dict[str, Pool]:
         d = Dispatcher.get()
         out = {}
-        for name, rt in self.models.items():
+        for name in {st.cfg.model for st in self.active()}:
+            rt = self.models[name]
             m = self.config.models[name]
             out[name] = d.pool(name, rt.endpoints, m.in_flight, m.api_key_env, m.timeout, m.retries)
         return out
@@ -90,22 +105,37 @@ class Job:
 
 
 def run_shard(job: Job, shard_id: int, tracker: Tracker = TRACKER) -> dict[str, Any]:
-    """Run one shard to completion unless it is already done; returns its statistics."""
+    """Run one shard to completion unless it is already done; returns its statistics.
+
+    With GPU waves, every wave but the last leaves the shard's rows so far (outputs, lineage,
+    errors) in a wave file that the next wave starts from; the last writes the result files.
+    """
     staging = job.staging()
-    done = staging.stats_shard(shard_id)
+    done = staging.stats_shard(shard_id) if job.last_wave else staging.wave_shard(shard_id, job.wave)
+    active = job.active()
     if staging.fs.exists(done):
         stats = staging.read_json(done)
-        for name, s in stats["stages"].items():
-            tracker.add(name, s)
+        if not job.last_wave:
+            stats = stats["stats"]
+        for st in active:
+            tracker.add(st.name, stats["stages"][st.name])
         tracker.shard_done()
         return stats
     with staging.fs.open(staging.input_shard(shard_id), "rb") as fh:
         table = pq.read_table(fh)
     rows = table.drop_columns(["_source"]).to_pylist()
-    stages, pools = job.stages(), job.pools()
+    prior = staging.read_json(staging.wave_shard(shard_id, job.wave - 1))["results"] if job.wave else None
+    pools = job.pools()
     dispatcher = Dispatcher.get()
     t0 = time.time()
-    results = dispatcher.run(_run_rows(dispatcher, stages, pools, job, rows, tracker))
+    results = dispatcher.run(_run_rows(dispatcher, active, pools, job, rows, tracker, prior))
+    if not job.last_wave:
+        stats = {"shard": shard_id, "rows": table.num_rows, "started": t0, "finished": time.time(),
+                 "stages": _shard_stats(active, results)}
+        staging.write_json(done, {"stats": stats, "results": results}, indent=None)
+        tracker.shard_done()
+        return stats
+    stages = job.stages()
     out, errors = _tables(job, stages, table, results)
     _write(staging, staging.result_shard(shard_id), out)
     _write(staging, staging.errors_shard(shard_id), errors)
@@ -128,13 +158,15 @@ def _write(staging: Staging, path: str, table: pa.Table) -> None:
 
 
 async def _run_rows(dispatcher: Dispatcher, stages: list[Stage], pools: dict[str, Pool], job: Job,
-                    rows: list[dict], tracker: Tracker) -> list[tuple[dict, dict, list]]:
-    """Every row of the shard at once; the pools bound what is in flight. Results in row order."""
+                    rows: list[dict], tracker: Tracker, prior: list | None = None) -> list[tuple[dict, dict, list]]:
+    """Every row of the shard at once; the pools bound what is in flight. Results in row order.
+
+    ``prior``: each row's (outputs, lineage, errors) from the stages of earlier waves."""
     client = dispatcher.client
     results: list = [None] * len(rows)
 
     async def one(i: int) -> None:
-        results[i] = await _run_row(client, stages, pools, job, rows[i], tracker)
+        results[i] = await _run_row(client, stages, pools, job, rows[i], tracker, prior[i] if prior else None)
 
     # Requests leave in the order the rows start (the pools queue FIFO): rows whose first prompts
     # share a prefix go together, so the engine's prefix cache serves the shared part.
@@ -157,13 +189,24 @@ def launch_order(st: Stage, rows: list[dict]) -> list[int]:
 
 
 async def _run_row(client, stages: list[Stage], pools: dict[str, Pool], job: Job, row: dict,
-                   tracker: Tracker) -> tuple[dict, dict, list]:
-    """All stages on one row: (outputs, lineage by stage, error records)."""
+                   tracker: Tracker, prior: tuple | list | None = None) -> tuple[dict, dict, list]:
+    """The stages on one row, after those of ``prior``: (outputs, lineage by stage, error records)."""
     outputs: dict[str, Any] = {}
     lineage: dict[str, dict] = {}
     errors: list[dict] = []
     failed: set[str] = set()  # outputs that failed on this row
     skipped: set[str] = set()  # outputs of stages skipped on this row
+    if prior:
+        outputs, lineage, errors = dict(prior[0]), dict(prior[1]), list(prior[2])
+        by_name = {s.name: s.output for s in job.config.stages}
+        for name, rec in lineage.items():
+            out = by_name[name]
+            if rec["error"]:
+                failed.add(out)
+            elif rec["skipped"]:
+                skipped.add(out)
+            else:
+                row[out] = outputs[out]
     cache = job.cache()
     for st in stages:
         rt = job.models[st.cfg.model]

@@ -53,8 +53,16 @@ class Staging:
         """Written last for a shard: its presence says the shard's files are complete."""
         return self.path("results", f"shard-{i:05d}.done.json")
 
-    def write_json(self, path: str, obj: object) -> None:
-        write_bytes_atomic(self.fs, path, json.dumps(obj, indent=1, default=str).encode())
+    def wave_shard(self, i: int, wave: int) -> str:
+        """A shard's rows after the stages of GPU wave ``wave`` (not the last): outputs, lineage, errors."""
+        return self.path("waves", str(wave), f"shard-{i:05d}.json")
+
+    def wave_models(self, wave: int) -> str:
+        """What the models of wave ``wave`` told about themselves, for the lineage of later waves."""
+        return self.path("waves", str(wave), "models.json")
+
+    def write_json(self, path: str, obj: object, indent: int | None = 1) -> None:
+        write_bytes_atomic(self.fs, path, json.dumps(obj, indent=indent, default=str).encode())
 
     def read_json(self, path: str) -> object:
         return json.loads(self.fs.cat_file(path))

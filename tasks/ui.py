@@ -22,12 +22,12 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:100]
 
 
-def progress_start(job: str, shards: int) -> UUID | None:
+def progress_start(job: str, shards: int, wave: str = "") -> UUID | None:
     from prefect.artifacts import create_progress_artifact
 
     try:
         return create_progress_artifact(0.0, key=artifact_key(job, "progress"),
-                                        description=f"{job}: shards committed out of {shards}")
+                                        description=f"{job}: shards {wave}done out of {shards}")
     except Exception as e:  # the UI is a view: a failed artifact never fails the run
         log.warning("could not create the progress artifact: %s", e)
         return None
@@ -44,16 +44,13 @@ def progress_update(artifact_id: UUID | None, done: int, total: int) -> None:
         log.warning("could not update the progress artifact: %s", e)
 
 
-def gpu_plan(cfg, gpus: int | None) -> None:
+def gpu_plan(cfg, plan) -> None:
     """The GPU plan of the managed servers: logged, and a markdown artifact."""
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact
 
-    from modelyard.planner import plan_for
-
     if not any(m.managed for m in cfg.models.values()):
         return
-    plan = plan_for(cfg, gpus)
     get_run_logger().info(plan.describe())
     try:
         create_markdown_artifact(plan.to_markdown(), key=artifact_key(cfg.name, "gpu-plan"),
