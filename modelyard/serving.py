@@ -196,6 +196,7 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        log.info("stopped vLLM for %s on port %d", self.served_name, self.port)
 
 
 class Registry:
