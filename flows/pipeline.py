@@ -18,7 +18,7 @@ from modelyard.progress import TRACKER
 from tasks import ui
 from flows.shards import run_shards
 from tasks.runners import task_runner
-from tasks.shards import commit_output, plan_shards, process_shard
+from tasks.shards import answer_from_cache, commit_output, plan_shards
 
 
 def _run_name() -> str:
@@ -63,24 +63,46 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                 logger.info("%severy shard finished in an earlier attempt; its servers are not started", label)
                 models.update(known)
                 continue
+
+            def new_job(up: dict, cache_only: bool = False):
+                nonlocal start
+                j = pipeline.make_job(prepared, run_id, {**models, **up}, retry_truncated, k, len(waves),
+                                      tuple(wave.stages), cache_only)
+                if start is None:
+                    start = pipeline.lineage_start(prepared, j, run_id, loaded.params.get("date"))
+                    logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(ids),
+                                prepared.staging.root)
+                return j
+
             used = {cfg.stages[i].model for i in wave.stages}
+            hit: dict = {}
+            cached = pipeline.cached_models(loaded, used)
+            if cached is not None:  # every model known: try the cache before starting any server
+                job = new_job(cached, cache_only=True)
+                hit = answer_from_cache(job, ids)
+                logger.info("%s%d of %d shards answered by the request cache%s", label, len(hit), len(ids),
+                            "" if len(hit) == len(ids) else "; starting the models for the rest")
+            if len(hit) == len(ids):
+                models.update(cached)
+                if not last:
+                    pipeline.save_wave_models(prepared, k, cached)
+                stats = [hit[i] for i in ids]
+                continue
             with tags(*pipeline.run_tags(cfg)), open_models(loaded, only=used, gpus=gpus, wave=k) as (up, warnings):
                 for w in warnings:
                     logger.warning(w)
-                models.update(up)
+                pipeline.remember_models(loaded, up)
                 if not last:
                     pipeline.save_wave_models(prepared, k, up)
-                job = pipeline.make_job(prepared, run_id, dict(models), retry_truncated, k, len(waves),
-                                        tuple(wave.stages))
-                if start is None:
-                    start = pipeline.lineage_start(prepared, job, run_id, loaded.params.get("date"))
-                    logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(plan.shards),
-                                prepared.staging.root)
+                job = new_job(up)
+                models.update(up)
                 if label:
                     logger.info("%sstarting on %d shards", label, len(ids))
-                progress = ui.progress_start(cfg.name, len(ids), label)
+                todo = [i for i in ids if i not in hit]
+                progress = ui.progress_start(cfg.name, len(todo), label)
                 shards = run_shards.with_options(task_runner=task_runner(cfg, runner))
-                stats = shards(job, ids, "+".join(names), progress)
+                ran = dict(zip(todo, shards(job, todo, "+".join(names), progress)))
+                stats = [hit.get(i) or ran[i] for i in ids]
         manifest = commit_output(prepared, job, plan, stats, run_id, started, start)
     except BaseException as e:
         pipeline.lineage_fail(prepared, job, run_id, start, e)

@@ -33,7 +33,17 @@ create table if not exists replies (
   used real not null
 );
 create index if not exists replies_used on replies(used);
+create table if not exists runtimes (
+  key text primary key,
+  runtime text not null,
+  created real not null
+);
 """
+
+
+def runtime_key(model_id: str, revision: str, engine: str) -> str:
+    """What a managed model told about itself depends on the model, its revision and the engine."""
+    return json.dumps([model_id, revision, engine])
 
 
 def request_key(model_id: str, revision: str, path: str, body: dict[str, Any]) -> str:
@@ -81,6 +91,15 @@ class RequestCache:
         self._conn().execute(
             "insert or replace into replies values (?, ?, ?, ?, ?, ?, ?, ?)",
             (key, model, revision, path, finish_reason, data, now, now))
+
+    def put_runtime(self, key: str, runtime: dict[str, Any]) -> None:
+        """Remember what a managed model's server said (served name, engine version, dimension), so
+        that a run the cache answers entirely need not start the server to learn it again."""
+        self._conn().execute("insert or replace into runtimes values (?, ?, ?)", (key, json.dumps(runtime), time.time()))
+
+    def get_runtime(self, key: str) -> dict[str, Any] | None:
+        row = self._conn().execute("select runtime from runtimes where key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def touch(self, keys: list[str]) -> None:
         """Mark entries as used now (prune keeps recently used ones)."""

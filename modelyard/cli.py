@@ -127,8 +127,13 @@ def prewarm(loaded, gpus: int | None):
     from modelyard.planner import plan_for
     from modelyard.serving import REGISTRY
 
+    from modelyard import pipeline
+
     cfg = loaded.config
-    if len(plan_for(cfg, gpus).waves) > 1:  # the flow stops each wave's servers: holding them here would not
+    waves = plan_for(cfg, gpus).waves
+    if len(waves) > 1 or pipeline.cached_models(loaded, {st.model for st in cfg.stages}) is not None:
+        # waves: the flow stops each wave's servers, which holding them here would not; known models:
+        # the flow tries the request cache first and starts servers only if it cannot answer
         yield
         return
     jobs = server_jobs(cfg, gpus, [n for n, m in cfg.models.items() if m.managed])

@@ -121,3 +121,47 @@ def server_jobs(cfg, gpus: int | None, names: list[str], wave: int = 0) -> list[
 
     plan = plan_for(cfg, gpus)
     return [(p.model, p.replica, p.cuda_visible_devices) for p in plan.waves[wave].placements if p.model in names]
+
+
+def _engine_fingerprint(python: str) -> str:
+    """The engine environment and its vLLM build, without starting it: the dist-info folder's name."""
+    root = Path(python).parent.parent
+    found = sorted(p.name for p in root.glob("lib/python*/site-packages/vllm*.dist-info"))
+    return f"{python}|{','.join(found)}"
+
+
+def _runtime_keys(loaded: LoadedConfig, names: list[str]) -> dict[str, str]:
+    from modelyard.cache import runtime_key
+
+    cfg = loaded.config
+    python = engine_python(cfg.engine, loaded.base_dir)
+    engine = _engine_fingerprint(python)
+    return {n: runtime_key(cfg.models[n].model, cfg.models[n].revision or resolve_model(cfg.models[n].model, python)[1],
+                           engine) for n in names}
+
+
+def remember_runtimes(loaded: LoadedConfig, cache, runtimes: dict[str, ModelRuntime]) -> None:
+    """Keep what the managed models' servers said about themselves in the request cache."""
+    managed = [n for n in runtimes if loaded.config.models[n].managed]
+    if cache is None or not managed:
+        return
+    for n, key in _runtime_keys(loaded, managed).items():
+        rt = runtimes[n]
+        cache.put_runtime(key, {"served_name": rt.served_name, "revision": rt.revision,
+                                "engine_version": rt.engine_version, "dimensions": rt.dimensions})
+
+
+def cached_runtimes(loaded: LoadedConfig, cache, names: set[str]) -> dict[str, ModelRuntime] | None:
+    """Runtimes of managed models ``names`` as their servers told an earlier run, with no endpoint:
+    enough for a pass that only the request cache answers. None unless every one is known."""
+    cfg = loaded.config
+    if cache is None or not names or not all(cfg.models[n].managed for n in names):
+        return None
+    out = {}
+    for n, key in _runtime_keys(loaded, sorted(names)).items():
+        d = cache.get_runtime(key)
+        if d is None:
+            return None
+        out[n] = ModelRuntime(name=n, model_id=cfg.models[n].model, served_name=d["served_name"], endpoints=[],
+                              revision=d["revision"], engine_version=d["engine_version"], dimensions=d["dimensions"])
+    return out

