@@ -116,12 +116,13 @@ def check_retry(loaded: LoadedConfig, *, truncated: bool, console=None) -> dict:
     from modelyard.errors import UserError
 
     cfg = loaded.config
+    flag = "--retry-truncated" if truncated else "--retry-errors"
     target = target_uri(cfg.output.uri, cfg.output.partition)
     manifest = read_manifest(target)
     if manifest is None:
-        raise UserError(f"--retry-errors: there is no committed output at {target} to retry")
+        raise UserError(f"{flag}: there is no committed output at {target} to retry")
     if not cfg.cache.enabled:
-        raise UserError(f"{loaded.path}: --retry-errors needs the request cache (cache.enabled: true) to serve the "
+        raise UserError(f"{loaded.path}: {flag} needs the request cache (cache.enabled: true) to serve the "
                         "rows that did not fail")
     if console is not None:
         console.print(f"last output {target}: {manifest['errors']['rows']} stage error(s)"

@@ -169,6 +169,35 @@ def test_retry_errors_resends_only_failed_requests(servers, prefect_harness, pre
     assert requests_served(tiny) - m0 == failed
 
 
+def test_retry_truncated_resends_replies_cut_at_max_tokens(servers, prefect_harness, prefect_server, tmp_path):
+    """--retry-truncated: replies that stopped at max_tokens (and failed ones) are asked again,
+    everything else comes from the cache; the vLLM server's own counters say how many."""
+    from flows.pipeline import run_pipeline
+
+    tiny = servers["tiny"]
+    cfg = make_config(tmp_path, tiny, cache=True, name="truncated")
+    text = cfg.read_text()
+    assert '    regex: "[a-z]{3}"\n' in text
+    cfg.write_text(text.replace('    regex: "[a-z]{3}"\n', ""))  # `tag`: free text cut at 6 tokens
+    run_pipeline(config=str(cfg))
+    rows = read_output(tmp_path / "out").to_pylist()
+    cut = sum(1 for r in rows for rec in r["_lineage"].values() if rec["finish_reason"] == "length")
+    failed = sum(1 for r in rows for rec in r["_lineage"].values() if rec["error"] and rec["attempts"])
+    assert sum(r["_lineage"]["tag"]["finish_reason"] == "length" for r in rows) > ROWS // 2
+    m0 = requests_served(tiny)
+    r = run_cli("run", str(cfg), "--retry-truncated", env={"PREFECT_API_URL": prefect_server}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "truncated replies are re-sent too" in r.stderr
+    assert requests_served(tiny) - m0 == cut + failed
+    again = read_output(tmp_path / "out").to_pylist()
+    assert len(again) == ROWS
+    for r in again:  # a reply that stopped on its own comes from the cache; one that was cut is asked again
+        for name in ("classify", "tag"):
+            rec = r["_lineage"][name]
+            if not rec["error"]:
+                assert rec["cached"] == (rec["finish_reason"] != "length"), (name, rec)
+
+
 def _vllm_child(server) -> psutil.Process:
     launcher = psutil.Process(server.proc.pid)
     (api,) = [p for p in launcher.children() if "api_server" in " ".join(p.cmdline())]
