@@ -105,6 +105,41 @@ def test_sigkill_then_resume(servers, prefect_server, tmp_path, point, shards_do
     assert len({r["_run_id"] for r in rows}) == (1 if shards_done == 5 else 2)
 
 
+def test_prefect_flow_run_retry_resumes_a_killed_run(servers, prefect_server, tmp_path):
+    """The machine dies (SIGKILL after 2 of 5 shards); something marks the run crashed (as a
+    heartbeat automation would); `prefect flow-run retry` runs it again with its own parameters,
+    and it resumes: only the 3 unfinished shards' requests reach the server."""
+    import re
+    import subprocess
+    import sys
+
+    import httpx
+
+    tiny = servers["tiny"]
+    cfg = make_config(tmp_path, tiny, cache=False, name="retried")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    r = run_cli("run", str(cfg), env={**env, "MODELYARD_FAILPOINT": "shard-done:2"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    run_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", r.stderr)[1]
+    flow_run = httpx.get(f"{prefect_server}/flow_runs/{run_id}").json()
+    assert flow_run["state"]["type"] == "RUNNING"  # nobody told the server the process died
+    httpx.post(f"{prefect_server}/flow_runs/{run_id}/set_state",
+               json={"state": {"type": "CRASHED", "name": "Crashed", "message": "process killed"},
+                     "force": True}).raise_for_status()
+    m1 = requests_served(tiny)
+    prefect = Path(sys.executable).with_name("prefect")
+    p = subprocess.run([str(prefect), "flow-run", "retry", run_id, "--entrypoint", "flows/pipeline.py:run_pipeline"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert httpx.get(f"{prefect_server}/flow_runs/{run_id}").json()["state"]["type"] == "COMPLETED"
+    rows = read_output(tmp_path / "out").to_pylist()
+    keys = [r["_row_key"] for r in rows]
+    assert len(keys) == len(set(keys)) == ROWS
+    not_done = [r for r in rows if r["_source"]["shard"] >= 2]
+    print(f"prefect flow-run retry re-sent {requests_served(tiny) - m1} requests")
+    assert requests_served(tiny) - m1 == calls(not_done)
+
+
 def test_unchanged_rerun_sends_nothing_and_a_prompt_change_only_that_stage(servers, prefect_harness, tmp_path):
     from flows.pipeline import run_pipeline
 
