@@ -105,3 +105,21 @@ def requests_served(server) -> int:
     text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
     return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith("vllm:request_success_total{")))
+
+
+def vllm_process(server):
+    """The real vLLM process of a managed server (the child of modelyard's small launcher)."""
+    import psutil
+
+    launcher = psutil.Process(server.proc.pid)
+    (api,) = [p for p in launcher.children() if "api_server" in " ".join(p.cmdline())]
+    return api
+
+
+def kill_vllm(server) -> int:
+    """SIGKILL a managed server's vLLM process, as a crash would; returns its pid."""
+    import signal
+
+    pid = vllm_process(server).pid
+    os.kill(pid, signal.SIGKILL)
+    return pid

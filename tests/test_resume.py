@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, requests_served, run_cli
+from tests.conftest import ROOT, requests_served, run_cli, vllm_process
 
 pytestmark = pytest.mark.engine
 
@@ -233,12 +233,6 @@ def test_retry_truncated_resends_replies_cut_at_max_tokens(servers, prefect_harn
                 assert rec["cached"] == (rec["finish_reason"] != "length"), (name, rec)
 
 
-def _vllm_child(server) -> psutil.Process:
-    launcher = psutil.Process(server.proc.pid)
-    (api,) = [p for p in launcher.children() if "api_server" in " ".join(p.cmdline())]
-    return api
-
-
 def test_managed_server_killed_mid_run_is_restarted(servers, prefect_harness, tmp_path, monkeypatch):
     """SIGKILL the real vLLM process of a managed model in the middle of a run: the watchdog
     restarts it on the same port, in-flight requests wait and are retried, every row is served."""
@@ -247,7 +241,7 @@ def test_managed_server_killed_mid_run_is_restarted(servers, prefect_harness, tm
 
     monkeypatch.chdir(ROOT)
     tiny = servers["tiny"]
-    old_pid = _vllm_child(tiny).pid
+    old_pid = vllm_process(tiny).pid
     killed = threading.Event()
 
     def killer():
@@ -269,7 +263,7 @@ def test_managed_server_killed_mid_run_is_restarted(servers, prefect_harness, tm
     assert table.num_rows == 300 and len(set(table.column("_row_key").to_pylist())) == 300
     assert manifest["stages"]["classify"]["errors"] == 0 and manifest["stages"]["reply"]["errors"] == 0
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
-    assert _vllm_child(tiny).pid != old_pid and tiny.alive()
+    assert vllm_process(tiny).pid != old_pid and tiny.alive()
     attempts = [rec["attempts"] for lin in table.column("_lineage").to_pylist() for rec in lin.values()]
     assert max(attempts) >= 2  # some requests were in flight when the server died, and were retried
 

@@ -12,11 +12,10 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import ROOT, requests_served, run_cli
+from tests.conftest import ROOT, kill_vllm, requests_served, run_cli
 
 pytestmark = pytest.mark.engine
 
@@ -189,10 +188,7 @@ engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
             # would then kill a replica that has served nothing yet
             mine = [s for k, s in REGISTRY.servers.items() if k not in before and s.alive()]
             if len(mine) == 2 and all(_served_or_zero(s) >= 20 for s in mine):
-                launcher = psutil.Process(mine[1].proc.pid)
-                (api,) = [p for p in launcher.children() if "api_server" in " ".join(p.cmdline())]
-                os.kill(api.pid, signal.SIGKILL)
-                killed.append(api.pid)
+                killed.append(kill_vllm(mine[1]))
                 return
             time.sleep(0.2)
 
@@ -245,9 +241,7 @@ engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
             c = TRACKER.counters.get("gen")
             if c is not None and c.rows >= 45:  # shard 0 committed, shard 1 in flight
                 (server,) = [s for k, s in REGISTRY.servers.items() if k not in before and s.alive()]
-                launcher = psutil.Process(server.proc.pid)
-                (api,) = [p for p in launcher.children() if "api_server" in " ".join(p.cmdline())]
-                os.kill(api.pid, signal.SIGKILL)
+                kill_vllm(server)
                 return
             time.sleep(0.1)
 
