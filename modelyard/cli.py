@@ -123,15 +123,13 @@ def run(
 @contextmanager
 def prewarm(loaded, gpus: int | None):
     """Start the managed servers now, beside Prefect's own start-up; the flow finds them running."""
+    from modelyard import pipeline
     from modelyard.models import server_jobs
     from modelyard.planner import plan_for
     from modelyard.serving import REGISTRY
 
-    from modelyard import pipeline
-
     cfg = loaded.config
-    waves = plan_for(cfg, gpus).waves
-    if len(waves) > 1 or pipeline.cached_models(loaded, {st.model for st in cfg.stages}) is not None:
+    if len(plan_for(cfg, gpus).waves) > 1 or pipeline.cached_models(loaded, {st.model for st in cfg.stages}) is not None:
         # waves: the flow stops each wave's servers, which holding them here would not; known models:
         # the flow tries the request cache first and starts servers only if it cannot answer
         yield

@@ -146,9 +146,7 @@ def _run_shard(job: Job, shard_id: int, tracker: Tracker, done_tracker: Tracker)
         stats = staging.read_json(done)
         if not job.last_wave:
             stats = stats["stats"]
-        for st in active:
-            done_tracker.add(st.name, stats["stages"][st.name])
-        done_tracker.shard_done()
+        _add_done(job, stats, done_tracker)
         return stats
     with staging.fs.open(staging.input_shard(shard_id), "rb") as fh:
         table = pq.read_table(fh)
@@ -178,10 +176,17 @@ def _run_shard(job: Job, shard_id: int, tracker: Tracker, done_tracker: Tracker)
 
 
 def _counted(job: Job, stats: dict, tracker: Tracker, done_tracker: Tracker) -> None:
-    if done_tracker is not tracker:  # a cache-only pass counts a shard once it is whole
-        for st in job.active():
-            done_tracker.add(st.name, stats["stages"][st.name])
-    done_tracker.shard_done()
+    if done_tracker is tracker:  # its requests were counted as they were answered
+        tracker.shard_done()
+    else:  # a cache-only pass counts a shard once it is whole
+        _add_done(job, stats, done_tracker)
+
+
+def _add_done(job: Job, stats: dict, tracker: Tracker) -> None:
+    """A whole shard's counts for this pass's stages, at once."""
+    for st in job.active():
+        tracker.add(st.name, stats["stages"][st.name])
+    tracker.shard_done()
 
 
 def _write(staging: Staging, path: str, table: pa.Table) -> None:
