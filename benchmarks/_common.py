@@ -279,3 +279,4 @@ def log(msg: str) -> None:
 
 def dump(obj) -> str:
     return json.dumps(obj, sort_keys=True)
+

@@ -4,10 +4,11 @@ What it measures, in one run, with ``builtin:tiny-llama`` on vLLM's CPU backend 
 (default 2000) that each ask for exactly ``max_tokens`` (64) tokens (``ignore_eos: true``), so
 every system produces the same number of tokens:
 
-1. **raw ceiling**: a minimal asyncio httpx client sends the same chat requests to a managed
+1. **raw ceiling**: a minimal asyncio aiohttp client sends the same chat requests to a managed
    server (started through ``modelyard.serving.REGISTRY``, so with modelyard's own server
    options), at a sweep of fixed concurrencies (32, 64, 128); the best is the ceiling. Every
-   measurement gets a fresh server and the same untimed warm-up (see main()).
+   measurement gets a fresh server and the same untimed warm-up (see main()). ``--clients``
+   adds the same client on httpx at 64 in flight, to show why modelyard does not use it.
 2. **modelyard**: a one-stage pipeline (text output, request cache off) over the same prompts
    against the same server (an ``endpoints:`` model), run in this process under Prefect's
    ephemeral API; timed from the flow call to the committed output. The orchestrator's peak
@@ -76,16 +77,18 @@ def pipeline_config(path: Path, name: str, data: Path, out: Path, model: dict, m
     return C.write_yaml(path, cfg)
 
 
-async def _raw(url: str, served: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
-    """Fixed-concurrency workers over a queue: as little client overhead as asyncio allows."""
-    import httpx
+async def _raw(url: str, served: str, prompts: list[str], max_tokens: int, concurrency: int,
+               client: str = "aiohttp") -> dict:
+    """Fixed-concurrency workers over a queue: as little client overhead as asyncio allows.
 
+    ``client``: aiohttp (the ceiling) or httpx (shown with --clients: httpx's AsyncClient stalls
+    for seconds at this concurrency, encode/httpx#3215)."""
     queue: asyncio.Queue = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
     tokens = errors = 0
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(send) -> None:
         nonlocal tokens, errors
         while True:
             try:
@@ -94,25 +97,45 @@ async def _raw(url: str, served: str, prompts: list[str], max_tokens: int, concu
                 return
             for attempt in range(4):
                 try:
-                    r = await client.post(url + "/chat/completions", json=C.chat_body(served, p, max_tokens))
-                    r.raise_for_status()
-                    tokens += r.json()["usage"]["completion_tokens"]
+                    reply = await send(C.chat_body(served, p, max_tokens))
+                    tokens += reply["usage"]["completion_tokens"]
                     break
-                except httpx.HTTPError:
+                except Exception:  # noqa: BLE001 - counted, like a failed row
                     if attempt == 3:
                         errors += 1
                     await asyncio.sleep(0.5 * 2 ** attempt)
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=10)) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return {"wall": wall, "tokens": tokens, "errors": errors}
+    t0 = time.perf_counter()
+    if client == "httpx":
+        import httpx
+
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=10)) as session:
+            async def send(body: dict) -> dict:
+                r = await session.post(url + "/chat/completions", json=body)
+                r.raise_for_status()
+                return r.json()
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(send) for _ in range(concurrency)))
+    else:
+        import aiohttp
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                         timeout=aiohttp.ClientTimeout(total=600, sock_connect=10)) as session:
+            async def send(body: dict) -> dict:
+                async with session.post(url + "/chat/completions", json=body) as r:
+                    r.raise_for_status()
+                    return await r.json()
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(send) for _ in range(concurrency)))
+    return {"wall": time.perf_counter() - t0, "tokens": tokens, "errors": errors}
 
 
-def run_raw(url: str, served: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
-    return asyncio.run(_raw(url, served, prompts, max_tokens, concurrency))
+def run_raw(url: str, served: str, prompts: list[str], max_tokens: int, concurrency: int,
+            client: str = "aiohttp") -> dict:
+    return asyncio.run(_raw(url, served, prompts, max_tokens, concurrency, client))
 
 
 def run_batch(work: Path, model_path: str, prompts: list[str], max_tokens: int) -> dict:
@@ -154,6 +177,8 @@ def main() -> int:
     ap.add_argument("--shard-rows", type=int, default=None, help="pipeline shard_rows (default: the config default)")
     ap.add_argument("--quick", action="store_true", help="CI smoke run: few prompts, one sweep point")
     ap.add_argument("--skip-run-batch", action="store_true", help="skip run-batch and the like-for-like run")
+    ap.add_argument("--clients", action="store_true",
+                    help="also measure a raw httpx client at 64 in flight (not part of the ceiling)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args()
     n = a.n or (48 if a.quick else 2000)
@@ -172,18 +197,22 @@ def main() -> int:
         data = write_input(work / "prompts.parquet", prompts)
         os.environ["PREFECT_HOME"] = str(work / "prefect-inproc")
         os.environ.pop("PREFECT_API_URL", None)
-        # A fresh server for every measurement: vLLM's CPU backend serves prompts it has already
-        # served (the same 2,000, sent again) about 2.4x slower than new ones (measured: 26 req/s,
-        # then 11-12 on repeats; with new prompts it stays at 26), so a server shared across the
-        # systems would favour whichever runs first. Each gets the same untimed warm-up first.
+        # A fresh server for every measurement, each with the same untimed warm-up, so that no
+        # system inherits the state another left in the engine (all send the same 2,000 prompts).
         best_raw = 0.0
+        if a.clients:
+            with C.managed_servers({"tiny": managed_model()}, work) as servers:
+                server = servers["tiny"]
+                run_raw(server.url, server.served_name, C.make_prompts(64, seed=1), a.max_tokens, 64)
+                add("raw httpx c=64", run_raw(server.url, server.served_name, prompts, a.max_tokens, 64, "httpx"),
+                    "httpx.AsyncClient, not in the ceiling")
         for c in sweep:
             with C.managed_servers({"tiny": managed_model()}, work) as servers:
                 server = servers["tiny"]
                 url, served, model_path = server.url, server.served_name, server.path
                 C.log(f"server up at {url} ({model_path})")
                 run_raw(url, served, C.make_prompts(64, seed=1), a.max_tokens, 64)  # warm-up, not counted
-                best_raw = max(best_raw, add(f"raw httpx c={c}", run_raw(url, served, prompts, a.max_tokens, c),
+                best_raw = max(best_raw, add(f"raw aiohttp c={c}", run_raw(url, served, prompts, a.max_tokens, c),
                                              "asyncio workers, fresh server"))
         with C.managed_servers({"tiny": managed_model()}, work) as servers:
             server = servers["tiny"]

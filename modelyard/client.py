@@ -3,11 +3,19 @@
 One ``Dispatcher`` per process runs an asyncio loop in a background thread. Shard tasks (threads
 of Prefect's task runner) hand it coroutines, so the bound on requests in flight per endpoint
 holds across all shards of the process: the engine's batch stays full, never overfull.
+
+Requests go through aiohttp, not httpx: with 64 requests in flight against one vLLM server,
+httpx's AsyncClient held finished requests back for seconds at a time (the engine sat idle with
+64 requests outstanding, 17-23 req/s), where aiohttp kept the batch full (32.6 req/s), as in
+encode/httpx#3215. ``benchmarks/throughput.py --clients`` measures both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import json
 import os
 import threading
 import time
@@ -17,7 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
@@ -164,21 +172,25 @@ class Reply:
     endpoint: str
 
 
+# What can go wrong on the wire: worth another attempt, on this replica or another.
+TransportError = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+
+
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, (_Transient, httpx.TransportError))
+    return isinstance(exc, (_Transient, *TransportError))
 
 
 def _describe(exc: BaseException, url: str) -> str:
-    if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect to {url}: {exc or 'connection refused'}"
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {url}: {exc.os_error or 'connection refused'}"
+    if isinstance(exc, asyncio.TimeoutError):
         return f"no answer from {url} in time ({type(exc).__name__})"
-    if isinstance(exc, httpx.TransportError):
+    if isinstance(exc, TransportError):
         return f"connection to {url} broke: {type(exc).__name__}: {exc}"
     return str(exc)
 
 
-async def post(client: httpx.AsyncClient, pool: Pool, path: str, body: dict[str, Any]) -> Reply:
+async def post(client: aiohttp.ClientSession, pool: Pool, path: str, body: dict[str, Any]) -> Reply:
     """POST to the least busy replica; retry transient failures with backoff."""
     attempts = 0
     last_url = pool.endpoints[0].url
@@ -196,37 +208,47 @@ async def post(client: httpx.AsyncClient, pool: Pool, path: str, body: dict[str,
                     last_url = ep.url
                     t0 = time.perf_counter()
                     try:
-                        r = await client.post(ep.url + path, json=body, headers=pool.headers(), timeout=pool.timeout)
-                    except httpx.TransportError:
+                        async with client.post(ep.url + path, json=body, headers=pool.headers(),
+                                               timeout=aiohttp.ClientTimeout(total=pool.timeout)) as r:
+                            status, raw = r.status, await r.read()
+                    except TransportError:
                         ep.failures += 1
                         ep.down_until = time.monotonic() + min(30.0, 0.5 * 2 ** ep.failures)
                         raise
                     ep.failures = 0
                     latency = (time.perf_counter() - t0) * 1000
-                if r.status_code in TRANSIENT_STATUS:
-                    raise _Transient(f"{ep.url}{path} answered {r.status_code}: {r.text[:300]}", r.status_code)
-                if r.status_code >= 400:
-                    raise RequestFailed(f"{ep.url}{path} answered {r.status_code}: {_error_text(r)}",
-                                        attempts, r.status_code)
-                return Reply(r.json(), latency, attempts, ep.url)
+                if status in TRANSIENT_STATUS:
+                    raise _Transient(f"{ep.url}{path} answered {status}: {_text(raw)[:300]}", status)
+                if status >= 400:
+                    raise RequestFailed(f"{ep.url}{path} answered {status}: {_error_text(raw)}", attempts, status)
+                try:
+                    reply = json.loads(raw)
+                except ValueError:
+                    raise RequestFailed(f"{ep.url}{path} answered {status} with a body that is not JSON: "
+                                        f"{_text(raw)[:300]!r}", attempts, status) from None
+                return Reply(reply, latency, attempts, ep.url)
     except RequestFailed:
         raise
     except _Transient as e:
         raise RequestFailed(f"{e} (after {attempts} attempts)", attempts, e.status) from None
-    except httpx.TransportError as e:
+    except TransportError as e:
         raise RequestFailed(f"{_describe(e, last_url)} (after {attempts} attempts)", attempts) from None
     raise AssertionError("unreachable")
 
 
-def _error_text(r: httpx.Response) -> str:
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _error_text(raw: bytes) -> str:
     try:
-        err = r.json()
+        err = json.loads(raw)
         if isinstance(err, dict):
             e = err.get("error", err)
             return str(e.get("message", e) if isinstance(e, dict) else e)[:500]
     except ValueError:
         pass
-    return r.text[:500]
+    return _text(raw)[:500]
 
 
 class Dispatcher:
@@ -240,7 +262,7 @@ class Dispatcher:
         self.thread = threading.Thread(target=self.loop.run_forever, name="modelyard-dispatcher", daemon=True)
         self.thread.start()
         self.pools: dict[tuple, Pool] = {}
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
 
     @classmethod
     def get(cls) -> Dispatcher:
@@ -250,13 +272,33 @@ class Dispatcher:
             return cls._instance
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:  # created on the loop's thread
-            self._client = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-                timeout=httpx.Timeout(300.0, connect=10.0),
-            )
+    def client(self) -> aiohttp.ClientSession:
+        """The session every request of this process shares; the pools, not the connector, bound
+        what is in flight. Created on first use, from the dispatcher loop's thread."""
+        if self._client is None:
+            if threading.current_thread() is self.thread:
+                self._client = self._session()
+            else:
+                self._client = self.run(self._make_session())
+            atexit.register(self.close)
         return self._client
+
+    @staticmethod
+    def _session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=300.0, sock_connect=10.0),
+        )
+
+    async def _make_session(self) -> aiohttp.ClientSession:
+        return self._session()
+
+    def close(self) -> None:
+        """Close the shared session (at exit), so that no connection is left for the GC to warn about."""
+        session, self._client = self._client, None
+        if session is not None and not session.closed and self.loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(session.close(), self.loop).result(timeout=5)
 
     def pool(self, name: str, urls: list[str], limit: int, api_key_env: str | None, timeout: float, retries: int) -> Pool:
         key = (name, tuple(urls), limit, api_key_env, timeout, retries)
