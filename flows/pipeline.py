@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger, runtime, tags
+from prefect import flow, get_run_logger, runtime
 
 from modelyard import pipeline
 from modelyard.models import open_models
@@ -46,6 +46,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     run_id = str(runtime.flow_run.id or "local")
     cfg = loaded.config
     job, start = None, None
+    ui.tag_run(pipeline.run_tags(cfg))
     try:
         plan = plan_shards(prepared)  # before any server starts: input errors surface in seconds
         gpu_plan = plan_for(cfg, gpus)
@@ -88,7 +89,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                     pipeline.save_wave_models(prepared, k, cached)
                 stats = [hit[i] for i in ids]
                 continue
-            with tags(*pipeline.run_tags(cfg)), open_models(loaded, only=used, gpus=gpus, wave=k) as (up, warnings):
+            with open_models(loaded, only=used, gpus=gpus, wave=k) as (up, warnings):
                 for w in warnings:
                     logger.warning(w)
                 pipeline.remember_models(loaded, up)

@@ -67,7 +67,7 @@ def job_name(config: str) -> str:
 
 
 def run_tags(cfg) -> list[str]:
-    """Tags of the run and its tasks: job, every stage, every model."""
+    """Tags of the flow run (not its tasks: see tasks.ui.tag_run): job, every stage, every model."""
     return [f"job:{cfg.name}", *(f"stage:{s.name}" for s in cfg.stages),
             *sorted({f"model:{m.model}" for m in cfg.models.values()})]
 

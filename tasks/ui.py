@@ -22,6 +22,25 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:100]
 
 
+def tag_run(tags: list[str]) -> None:
+    """Add the job, stage and model tags to the running flow run, for filtering runs in the UI.
+
+    Only the flow run: a tag on task runs makes Prefect look up tag-based concurrency limits at
+    every task start, and the first lookup for a new set of tags cost up to 2 s here."""
+    from prefect import runtime
+    from prefect.client.orchestration import get_client
+
+    run_id = runtime.flow_run.id
+    if not run_id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(run_id).tags or []
+            client.update_flow_run(run_id, tags=sorted({*current, *tags}))
+    except Exception as e:  # the UI is a view: never fail a run for it
+        log.warning("could not tag the flow run: %s", e)
+
+
 def progress_start(job: str, shards: int, wave: str = "") -> UUID | None:
     from prefect.artifacts import create_progress_artifact
 

@@ -145,6 +145,25 @@ def test_manifest_and_metadata(demo_run):
     assert {"cache.sqlite", "openlineage.jsonl"} <= {p.name for p in job_dir.iterdir()}
 
 
+def test_the_flow_run_is_tagged_and_its_tasks_are_not(demo_run):
+    """Job, stage and model tags on the flow run, for filtering in the UI; none on task runs, where
+    each new set of tags makes Prefect look up tag-based concurrency limits at every task start."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter
+
+    manifest, _, _ = demo_run
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(manifest["run_id"])
+        assert {f"job:{manifest['job']}", "stage:embed", "stage:classify", "stage:extract", "stage:reply",
+                "model:builtin:tiny-llama", "model:builtin:minilm"} <= set(run.tags), run.tags
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id, *(f.id for f in subflows)]}),
+                                      task_run_filter=TaskRunFilter())
+    shard_tasks = [t for t in tasks if "shard-" in t.name]
+    assert shard_tasks and all(t.tags == [] for t in shard_tasks), [(t.name, t.tags) for t in tasks]
+
+
 def test_inspect_shows_stats_and_one_rows_provenance(demo_run):
     manifest, out, _ = demo_run
     r = run_cli("inspect", str(out))
