@@ -43,13 +43,13 @@ unit: orchestrator
 bench: bench-throughput bench-memory bench-overlap
 
 bench-throughput: setup
-	$(VENV)/bin/python benchmarks/throughput.py
+	$(VENV)/bin/python benchmarks/throughput.py $(ARGS)
 
 bench-memory: setup
-	$(VENV)/bin/python benchmarks/memory.py
+	$(VENV)/bin/python benchmarks/memory.py $(ARGS)
 
 bench-overlap: setup
-	$(VENV)/bin/python benchmarks/overlap.py
+	$(VENV)/bin/python benchmarks/overlap.py $(ARGS)
 
 clean:
 	rm -rf out/ .pytest_cache

@@ -94,15 +94,16 @@ def run(
             err.print(plan_for(loaded.config, gpus).describe(), highlight=False)
         if retry_errors or retry_truncated:
             pipeline.check_retry(loaded, truncated=retry_truncated, console=err)
+        if runner not in (None, "local", "ray", "dask"):
+            raise UserError(f"--runner {runner!r}: use local, ray or dask")
     except UserError as e:
         _fail(e)
-    from flows.pipeline import run_pipeline
-
-    quiet_user_tracebacks()
-    if runner not in (None, "local", "ray", "dask"):
-        _fail(UserError(f"--runner {runner!r}: use local, ray or dask"))
     try:
+        # the servers start first (a minute here); Prefect is imported and started beside them
         with prewarm(loaded, gpus), Display(TRACKER, live=sys.stderr.isatty()):
+            from flows.pipeline import run_pipeline
+
+            quiet_user_tracebacks()
             manifest = run_pipeline(config=config, params=loaded.params, limit=limit, output=output,
                                     retry_truncated=retry_truncated, runner=runner, gpus=gpus)
     except UserError as e:
