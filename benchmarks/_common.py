@@ -279,4 +279,3 @@ def log(msg: str) -> None:
 
 def dump(obj) -> str:
     return json.dumps(obj, sort_keys=True)
-

@@ -34,6 +34,7 @@ better for modelyard). Exits 0 if it ran; it asserts nothing about time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import asyncio
 import json
@@ -105,32 +106,32 @@ async def _raw(url: str, served: str, prompts: list[str], max_tokens: int, concu
                         errors += 1
                     await asyncio.sleep(0.5 * 2 ** attempt)
 
-    t0 = time.perf_counter()
-    if client == "httpx":
-        import httpx
+    async with contextlib.AsyncExitStack() as stack:
+        if client == "httpx":
+            import httpx
 
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=10)) as session:
+            limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+            hx = await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, connect=10)))
+
             async def send(body: dict) -> dict:
-                r = await session.post(url + "/chat/completions", json=body)
+                r = await hx.post(url + "/chat/completions", json=body)
                 r.raise_for_status()
                 return r.json()
+        else:
+            import aiohttp
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker(send) for _ in range(concurrency)))
-    else:
-        import aiohttp
+            session = await stack.enter_async_context(aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=600, sock_connect=10)))
 
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
-                                         timeout=aiohttp.ClientTimeout(total=600, sock_connect=10)) as session:
             async def send(body: dict) -> dict:
                 async with session.post(url + "/chat/completions", json=body) as r:
                     r.raise_for_status()
                     return await r.json()
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker(send) for _ in range(concurrency)))
-    return {"wall": time.perf_counter() - t0, "tokens": tokens, "errors": errors}
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(send) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"wall": wall, "tokens": tokens, "errors": errors}
 
 
 def run_raw(url: str, served: str, prompts: list[str], max_tokens: int, concurrency: int,

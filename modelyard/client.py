@@ -274,24 +274,15 @@ class Dispatcher:
     @property
     def client(self) -> aiohttp.ClientSession:
         """The session every request of this process shares; the pools, not the connector, bound
-        what is in flight. Created on first use, from the dispatcher loop's thread."""
+        what is in flight. Used (and created on first use) from the dispatcher loop's coroutines."""
         if self._client is None:
-            if threading.current_thread() is self.thread:
-                self._client = self._session()
-            else:
-                self._client = self.run(self._make_session())
+            assert threading.current_thread() is self.thread, "Dispatcher.client is for the dispatcher loop"
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=300.0, sock_connect=10.0),
+            )
             atexit.register(self.close)
         return self._client
-
-    @staticmethod
-    def _session() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=300.0, sock_connect=10.0),
-        )
-
-    async def _make_session(self) -> aiohttp.ClientSession:
-        return self._session()
 
     def close(self) -> None:
         """Close the shared session (at exit), so that no connection is left for the GC to warn about."""

@@ -35,8 +35,7 @@ def tag_run(tags: list[str]) -> None:
         return
     try:
         with get_client(sync_client=True) as client:
-            current = client.read_flow_run(run_id).tags or []
-            client.update_flow_run(run_id, tags=sorted({*current, *tags}))
+            client.update_flow_run(run_id, tags=sorted({*(runtime.flow_run.tags or []), *tags}))
     except Exception as e:  # the UI is a view: never fail a run for it
         log.warning("could not tag the flow run: %s", e)
 
