@@ -88,21 +88,23 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     return path
 
 
-def model_configs(cfg_models: dict, base_dir: Path):
+def model_configs(cfg_models: dict, base_dir: Path, env: dict | None = None):
     """pydantic ModelConfig/EngineConfig for REGISTRY.acquire, from the same dicts a YAML holds."""
     from modelyard.config import EngineConfig, ModelConfig
 
-    return {n: ModelConfig.model_validate(m) for n, m in cfg_models.items()}, EngineConfig(env=dict(KV_ENV))
+    return ({n: ModelConfig.model_validate(m) for n, m in cfg_models.items()},
+            EngineConfig(env={**KV_ENV, **(env or {})}))
 
 
 @contextlib.contextmanager
-def managed_servers(models: dict[str, dict], base_dir: Path):
-    """Start servers through modelyard's own REGISTRY (side by side); stop them on exit, always."""
+def managed_servers(models: dict[str, dict], base_dir: Path, env: dict | None = None):
+    """Start servers through modelyard's own REGISTRY (side by side); stop them on exit, always.
+    ``env``: more engine environment variables."""
     from concurrent.futures import ThreadPoolExecutor
 
     from modelyard.serving import REGISTRY
 
-    mcfgs, engine = model_configs(models, base_dir)
+    mcfgs, engine = model_configs(models, base_dir, env)
     started = {}
     try:
         with ThreadPoolExecutor(max(1, len(mcfgs))) as ex:

@@ -1,43 +1,53 @@
 """Throughput of a one-stage text pipeline against the engine's own limits.
 
-What it measures, in one run, with ``builtin:tiny-llama`` on vLLM's CPU backend and N prompts
-(default 2000) that each ask for exactly ``max_tokens`` (64) tokens (``ignore_eos: true``), so
-every system produces the same number of tokens:
+What it measures, with ``builtin:tiny-llama`` on vLLM's CPU backend and N prompts (default
+2000) that each ask for exactly ``max_tokens`` (64) tokens (``ignore_eos: true``), so every
+system produces the same number of tokens:
 
 1. **raw ceiling**: a minimal asyncio aiohttp client sends the same chat requests to a managed
    server (started through ``modelyard.serving.REGISTRY``, so with modelyard's own server
-   options), at a sweep of fixed concurrencies (32, 64, 128); the best is the ceiling. Every
-   measurement gets a fresh server and the same untimed warm-up (see main()). ``--clients``
-   adds the same client on httpx at 64 in flight, to show why modelyard does not use it.
+   options) at a sweep of fixed concurrencies (default 64, 96, 128); the best is the ceiling.
+   ``--clients`` adds the same client on httpx at 64 in flight, to show why modelyard does not
+   use it.
 2. **modelyard**: a one-stage pipeline (text output, request cache off) over the same prompts
-   against the same server (an ``endpoints:`` model), run in this process under Prefect's
-   ephemeral API; timed from the flow call to the committed output. The orchestrator's peak
-   RSS during that run is sampled with psutil (this process only, every 50 ms; the Prefect
-   API subprocess and vLLM are excluded).
+   against the same server (an ``endpoints:`` model with the requests in flight modelyard gives
+   a managed model of these serve options), run in this process under Prefect's ephemeral API;
+   timed from the flow call to the committed output. The orchestrator's peak RSS during those
+   runs is sampled with psutil (this process only, every 50 ms; the Prefect API subprocess and
+   vLLM are excluded).
 3. **vllm run-batch**: ``python -m vllm.entrypoints.openai.run_batch`` on the same requests as
    an OpenAI batch file, with the managed server's engine options; its time includes its own
    engine start. So modelyard is also timed **like for like**: ``modelyard run CONFIG`` in a
    subprocess with a managed model (the command line starts the server while Prefect starts),
    from process start to exit.
 
-Servers are stopped before the next system runs: on 2 cores nothing else may compete.
+Fairness. Systems 1 and 2 share one server (a fresh one per measurement gave +-5 % between
+servers, more than the gap being measured) and take turns, in a rotating order, for
+``--rounds`` rounds; before each measurement the server's prefix cache is emptied
+(``/reset_prefix_cache``, dev mode), or a system sending prompts the server has already seen
+would skip their prefill (+45 % here). Section 3 alternates run-batch and ``modelyard run``
+for ``--start-rounds`` rounds, each with its own engine start. Every figure is the median of its
+runs; nothing else runs meanwhile (2 cores).
 
 Prints a table, then as the last line
 ``ratio_vs_raw=R1 ratio_vs_run_batch=R2 peak_rss_mb=M`` where R1 = modelyard (in-process)
-req/s / best raw req/s and R2 = modelyard like-for-like req/s / run-batch req/s (higher is
-better for modelyard). Exits 0 if it ran; it asserts nothing about time.
+median req/s / the best raw concurrency's median req/s and R2 = modelyard like-for-like median
+req/s / run-batch median req/s (higher is better for modelyard). Exits 0 if it ran; it asserts
+nothing about time.
 
-    .venv/bin/python benchmarks/throughput.py            # 2000 prompts, a few minutes
+    .venv/bin/python benchmarks/throughput.py            # 2000 prompts, about 20 minutes
     .venv/bin/python benchmarks/throughput.py --quick    # a few dozen prompts, CI smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import asyncio
+import contextlib
 import json
+import os
+import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -169,93 +179,170 @@ def manifest_tokens(m: dict) -> tuple[int, int]:
     return st["completion_tokens"], st["errors"]
 
 
+class PrefixCache:
+    """The server's prefix cache: emptied before each measurement, its hit rate read after."""
+
+    def __init__(self, url: str):
+        self.base = url.rsplit("/v1", 1)[0]
+        self.start = (0.0, 0.0)
+
+    def _counters(self) -> tuple[float, float]:
+        import httpx
+
+        text = httpx.get(self.base + "/metrics", timeout=10).text
+        got = {m[1]: float(m[2]) for m in re.finditer(r"^vllm:prefix_cache_(queries|hits)_total\{[^}]*\} (\S+)", text, re.M)}
+        return got.get("queries", 0.0), got.get("hits", 0.0)
+
+    def reset(self) -> None:
+        import httpx
+
+        r = httpx.post(self.base + "/reset_prefix_cache", timeout=30)
+        if r.status_code != 200:
+            raise RuntimeError(f"POST {self.base}/reset_prefix_cache answered {r.status_code}: {r.text[:300]}")
+        self.start = self._counters()
+
+    def hit_rate(self) -> float:
+        q, h = self._counters()
+        dq = q - self.start[0]
+        return (h - self.start[1]) / dq if dq else 0.0
+
+
+class Results:
+    """Runs per system; the table shows each system's median, range and run count."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.runs: dict[str, list[dict]] = {}
+        self.notes: dict[str, str] = {}
+
+    def add(self, system: str, r: dict, note: str = "") -> float:
+        rps = self.n / r["wall"]
+        self.runs.setdefault(system, []).append({**r, "rps": rps})
+        self.notes.setdefault(system, note)
+        hit = f", prefix cache hits {r['prefix_hit']:.1%}" if "prefix_hit" in r else ""
+        C.log(f"{system}: {rps:.2f} req/s ({r['wall']:.1f} s, {r['tokens']} tokens, {r['errors']} errors{hit})")
+        return rps
+
+    def median(self, system: str) -> float:
+        return statistics.median(x["rps"] for x in self.runs[system])
+
+    def rows(self) -> list[dict]:
+        out = []
+        for system, runs in self.runs.items():
+            rps = [x["rps"] for x in runs]
+            hits = [x["prefix_hit"] for x in runs if "prefix_hit" in x]
+            out.append({"system": system, "runs": len(runs), "req_s": f"{self.median(system):.2f}",
+                        "range": f"{min(rps):.2f}-{max(rps):.2f}",
+                        "wall_s": f"{statistics.median(x['wall'] for x in runs):.1f}",
+                        "tok_s": f"{statistics.median(x['tokens'] / x['wall'] for x in runs):.0f}",
+                        "errors": sum(x["errors"] for x in runs),
+                        "prefix_hit": f"{max(hits):.1%}" if hits else "-", "note": self.notes[system]})
+        return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=None, help="prompts (default 2000; 48 with --quick)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=None,
-                    help="raw-client sweep (default 32 64 128; 64 with --quick)")
+                    help="raw-client sweep (default 64 96 128; 64 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="turns of every raw concurrency and modelyard on the shared server (default 3; 1 with --quick)")
+    ap.add_argument("--start-rounds", type=int, default=None,
+                    help="turns of run-batch and modelyard run, engine start included (default 2; 1 with --quick)")
+    ap.add_argument("--in-flight", type=int, default=None,
+                    help="modelyard's requests in flight (default: what it gives a managed model with max_num_seqs 64)")
     ap.add_argument("--shard-rows", type=int, default=None, help="pipeline shard_rows (default: the config default)")
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: few prompts, one sweep point")
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: few prompts, one sweep point, one round")
     ap.add_argument("--skip-run-batch", action="store_true", help="skip run-batch and the like-for-like run")
     ap.add_argument("--clients", action="store_true",
-                    help="also measure a raw httpx client at 64 in flight (not part of the ceiling)")
+                    help="also measure a raw httpx client at 64 in flight, in the first round (not in the ceiling)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args()
-    n = a.n or (48 if a.quick else 2000)
-    sweep = a.concurrency or ([64] if a.quick else [32, 64, 128])
-    prompts = C.make_prompts(n)
-    rows: list[dict] = []
+    from modelyard.config import ModelConfig
 
-    def add(system: str, r: dict, note: str = "") -> float:
-        rps = n / r["wall"]
-        rows.append({"system": system, "requests": n, "wall_s": f"{r['wall']:.1f}", "req_s": f"{rps:.2f}",
-                     "tok_s": f"{r['tokens'] / r['wall']:.0f}", "errors": r["errors"], "note": note})
-        C.log(f"{system}: {rps:.2f} req/s ({r['wall']:.1f} s, {r['tokens']} tokens, {r['errors']} errors)")
-        return rps
+    n = a.n or (48 if a.quick else 2000)
+    sweep = a.concurrency or ([64] if a.quick else [64, 96, 128])
+    rounds = a.rounds or (1 if a.quick else 3)
+    start_rounds = a.start_rounds or (1 if a.quick else 2)
+    in_flight = a.in_flight or ModelConfig.model_validate(managed_model()).in_flight
+    prompts = C.make_prompts(n)
+    res = Results(n)
+    peak_rss = 0.0
 
     with C.workdir("modelyard-bench-tp-", a.keep) as work:
         data = write_input(work / "prompts.parquet", prompts)
         os.environ["PREFECT_HOME"] = str(work / "prefect-inproc")
         os.environ.pop("PREFECT_API_URL", None)
-        # A fresh server for every measurement, each with the same untimed warm-up, so that no
-        # system inherits the state another left in the engine (all send the same 2,000 prompts).
-        best_raw = 0.0
-        if a.clients:
-            with C.managed_servers({"tiny": managed_model()}, work) as servers:
-                server = servers["tiny"]
-                run_raw(server.url, server.served_name, C.make_prompts(64, seed=1), a.max_tokens, 64)
-                add("raw httpx c=64", run_raw(server.url, server.served_name, prompts, a.max_tokens, 64, "httpx"),
-                    "httpx.AsyncClient, not in the ceiling")
-        for c in sweep:
-            with C.managed_servers({"tiny": managed_model()}, work) as servers:
-                server = servers["tiny"]
-                url, served, model_path = server.url, server.served_name, server.path
-                C.log(f"server up at {url} ({model_path})")
-                run_raw(url, served, C.make_prompts(64, seed=1), a.max_tokens, 64)  # warm-up, not counted
-                best_raw = max(best_raw, add(f"raw aiohttp c={c}", run_raw(url, served, prompts, a.max_tokens, c),
-                                             "asyncio workers, fresh server"))
-        with C.managed_servers({"tiny": managed_model()}, work) as servers:
+        with C.managed_servers({"tiny": managed_model()}, work, {"VLLM_SERVER_DEV_MODE": "1"}) as servers:
             server = servers["tiny"]
-            url, served = server.url, server.served_name
-            ext = {"model": served, "endpoints": [url], "max_in_flight": MAX_NUM_SEQS}
-            # a small run first (other prompts): Prefect's ephemeral API starts here, not inside the timed run
-            warm = pipeline_config(work / "warm.yaml", "bench-warm",
-                                   write_input(work / "warm.parquet", C.make_prompts(64, seed=1)),
-                                   work / "out-warm", ext, a.max_tokens, a.shard_rows)
+            url, served, model_path = server.url, server.served_name, server.path
+            C.log(f"server up at {url} ({model_path})")
+            cache = PrefixCache(url)
+            ext = {"model": served, "endpoints": [url], "max_in_flight": in_flight}
+            # Untimed warm-up (other prompts): the engine's first batches, Prefect's ephemeral API,
+            # the command line's Prefect home (created now, as by a user's first run).
+            warm_data = write_input(work / "warm.parquet", C.make_prompts(64, seed=1))
+            run_raw(url, served, C.make_prompts(64, seed=1), a.max_tokens, 64)
+            warm = pipeline_config(work / "warm.yaml", "bench-warm", warm_data, work / "out-warm", ext,
+                                   a.max_tokens, a.shard_rows)
             C.run_flow(warm)
-            if not a.skip_run_batch:  # the command line's Prefect home: created now, as by a user's first run
+            if not a.skip_run_batch:
                 exe = C.ORCH_PYTHON.with_name("modelyard")
                 C.run_subprocess([str(exe), "run", str(warm), "--output", str(work / "out-warm-cli")],
                                  env=C.cli_env(work / "prefect-cli"), cwd=C.ROOT)
-            cfg = pipeline_config(work / "inproc.yaml", "bench-throughput", data, work / "out-inproc", ext,
-                                  a.max_tokens, a.shard_rows)
-            with C.RssSampler() as rss:
-                t0 = time.perf_counter()
-                manifest = C.run_flow(cfg)
-                wall = time.perf_counter() - t0
-            tokens, errors = manifest_tokens(manifest)
-            ours = add("modelyard (in-process)", {"wall": wall, "tokens": tokens, "errors": errors},
-                       f"flow call to commit; {manifest['input']['shards']} shard(s), in_flight {MAX_NUM_SEQS}")
-            peak_rss = rss.peak_mb
+            systems = [f"raw aiohttp c={c}" for c in sweep] + ["modelyard (in-process)"]
+            for r in range(rounds):
+                order = systems[r % len(systems):] + systems[:r % len(systems)]
+                if a.clients and r == 0:
+                    order = ["raw httpx c=64", *order]
+                for system in order:
+                    cache.reset()
+                    if system.startswith("raw"):
+                        client, c = re.fullmatch(r"raw (\w+) c=(\d+)", system).groups()
+                        got = run_raw(url, served, prompts, a.max_tokens, int(c), client)
+                        note = ("httpx.AsyncClient, not in the ceiling" if client == "httpx"
+                                else "asyncio workers, fixed concurrency")
+                    else:
+                        cfg = pipeline_config(work / f"inproc-{r}.yaml", "bench-throughput", data,
+                                              work / f"out-inproc-{r}", ext, a.max_tokens, a.shard_rows)
+                        with C.RssSampler() as rss:
+                            t0 = time.perf_counter()
+                            manifest = C.run_flow(cfg)
+                            wall = time.perf_counter() - t0
+                        peak_rss = max(peak_rss, rss.peak_mb)
+                        tokens, errors = manifest_tokens(manifest)
+                        got = {"wall": wall, "tokens": tokens, "errors": errors}
+                        note = f"flow call to commit; {manifest['input']['shards']} shard(s), in flight {in_flight}"
+                    res.add(system, {**got, "prefix_hit": cache.hit_rate()}, note)
+        best_c = max(sweep, key=lambda c: res.median(f"raw aiohttp c={c}"))
+        ratio_raw = res.median("modelyard (in-process)") / res.median(f"raw aiohttp c={best_c}")
         ratio_rb = float("nan")
         if not a.skip_run_batch:
-            rb = add("vllm run-batch", run_batch(work, model_path, prompts, a.max_tokens), "engine start included")
-            lfl_cfg = pipeline_config(work / "managed.yaml", "bench-throughput-managed", data, work / "out-managed",
-                                      managed_model(), a.max_tokens, a.shard_rows)
             exe = C.ORCH_PYTHON.with_name("modelyard")
-            wall, rc, _ = C.run_subprocess([str(exe), "run", str(lfl_cfg)], env=C.cli_env(work / "prefect-cli"),
-                                           cwd=C.ROOT, log_path=work / "modelyard-run.log")
-            if rc != 0:
-                raise RuntimeError(f"modelyard run exited {rc}: {(work / 'modelyard-run.log').read_text()[-3000:]}")
-            m = json.loads((work / "out-managed" / "_manifest.json").read_text())
-            tokens, errors = manifest_tokens(m)
-            lfl = add("modelyard run (like for like)", {"wall": wall, "tokens": tokens, "errors": errors},
-                      "subprocess, managed server start included")
-            ratio_rb = lfl / rb
-    print(C.table(rows, ["system", "requests", "wall_s", "req_s", "tok_s", "errors", "note"]))
-    print(f"peak RSS: psutil sampling (50 ms) of the orchestrator process during the in-process modelyard run")
-    print(f"ratio_vs_raw={ours / best_raw:.3f} ratio_vs_run_batch={ratio_rb:.3f} peak_rss_mb={peak_rss:.0f}")
+            for r in range(start_rounds):
+                for system in (["rb", "lfl"] if r % 2 == 0 else ["lfl", "rb"]):
+                    if system == "rb":
+                        res.add("vllm run-batch", run_batch(work, model_path, prompts, a.max_tokens),
+                                "engine start included")
+                        continue
+                    out = work / f"out-managed-{r}"
+                    cfg = pipeline_config(work / f"managed-{r}.yaml", "bench-throughput-managed", data, out,
+                                          managed_model(), a.max_tokens, a.shard_rows)
+                    log = work / f"modelyard-run-{r}.log"
+                    wall, rc, _ = C.run_subprocess([str(exe), "run", str(cfg)], env=C.cli_env(work / "prefect-cli"),
+                                                   cwd=C.ROOT, log_path=log)
+                    if rc != 0:
+                        raise RuntimeError(f"modelyard run exited {rc}: {log.read_text()[-3000:]}")
+                    tokens, errors = manifest_tokens(json.loads((out / "_manifest.json").read_text()))
+                    res.add("modelyard run (like for like)", {"wall": wall, "tokens": tokens, "errors": errors},
+                            "subprocess, managed server start included")
+            ratio_rb = res.median("modelyard run (like for like)") / res.median("vllm run-batch")
+    print(C.table(res.rows(), ["system", "runs", "req_s", "range", "wall_s", "tok_s", "errors", "prefix_hit", "note"]))
+    print(f"{n} prompts of {a.max_tokens} tokens; req_s, wall_s, tok_s: medians of the runs; prefix_hit: the highest "
+          f"prefix-cache hit rate of a run (the cache is emptied before each); best raw concurrency: {best_c}")
+    print("peak RSS: psutil sampling (50 ms) of the orchestrator process during the in-process modelyard runs")
+    print(f"ratio_vs_raw={ratio_raw:.3f} ratio_vs_run_batch={ratio_rb:.3f} peak_rss_mb={peak_rss:.0f}")
     return 0
 
 

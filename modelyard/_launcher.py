@@ -13,22 +13,31 @@ import sys
 import time
 
 
+class Stop(Exception):
+    """SIGTERM or SIGINT: stop the server."""
+
+
 def main() -> int:
     parent = int(sys.argv[1])
     cmd = sys.argv[sys.argv.index("--") + 1 :]
     child = subprocess.Popen(cmd, start_new_session=True)
-    stopping = False
 
     def stop(*_):
-        nonlocal stopping
-        stopping = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; the cleanup below must finish
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Stop  # out of the sleep below at once: the run that asked is waiting for the stop
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while child.poll() is None and not stopping:
-        if os.getppid() != parent:
-            break
-        time.sleep(0.5)
+    try:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        while child.poll() is None:
+            if os.getppid() != parent:
+                break
+            time.sleep(0.5)
+    except Stop:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if child.poll() is None:
         try:
             os.killpg(child.pid, signal.SIGTERM)

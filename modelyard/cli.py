@@ -365,7 +365,37 @@ def cache_prune(
 
 
 def main() -> None:
-    app()
+    """The command line. When it is done, the exit handlers run (Prefect's ephemeral API stops, its
+    log and event workers drain, managed servers are stopped) and the process ends without the
+    interpreter's module-by-module teardown, which took 0.5-1.3 s after each run here, for nothing."""
+    code: int | str | None = 0
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code
+    _fast_exit(code)
+
+
+def _fast_exit(code: int | str | None) -> None:
+    """Exit as the interpreter does (threads' exit hooks, where Prefect drains its log and event
+    workers, and joins; then atexit), minus the teardown of every module."""
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None:  # not CPython as we know it: the normal way
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

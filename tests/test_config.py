@@ -59,7 +59,15 @@ def test_good_config_has_no_problems(tmp_path, data):
     loaded = load_config(write(tmp_path, data))
     assert check(loaded) == []
     assert [s.name for s in loaded.config.stages] == ["s1", "s2", "s3"]
-    assert loaded.config.models["m"].in_flight == 64
+    assert loaded.config.models["m"].in_flight == 96  # 1.5 x the 64 assumed of a server not described
+
+
+def test_requests_in_flight_default_to_half_a_batch_more_than_the_engine_runs():
+    from modelyard.config import ModelConfig
+
+    assert ModelConfig.model_validate({"model": "x", "serve": {"max_num_seqs": 64}}).in_flight == 96
+    assert ModelConfig.model_validate({"model": "x", "serve": {"max_num_seqs": 5}}).in_flight == 7
+    assert ModelConfig.model_validate({"model": "x", "serve": {"max_num_seqs": 64}, "max_in_flight": 10}).in_flight == 10
 
 
 def test_the_shipped_configs_validate():
