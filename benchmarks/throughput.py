@@ -30,10 +30,12 @@ for ``--start-rounds`` rounds, each with its own engine start. Every figure is t
 runs; nothing else runs meanwhile (2 cores).
 
 Prints a table, then as the last line
-``ratio_vs_raw=R1 ratio_vs_run_batch=R2 peak_rss_mb=M`` where R1 = modelyard (in-process)
-median req/s / the best raw concurrency's median req/s and R2 = modelyard like-for-like median
-req/s / run-batch median req/s (higher is better for modelyard). Exits 0 if it ran; it asserts
-nothing about time.
+``ratio_vs_raw=R1 ratio_vs_run_batch=R2 peak_rss_mb=M``: R1 is the median over rounds of
+modelyard (in-process) req/s / req/s of the raw client at its best concurrency (by median) in
+the same round, R2 the median over rounds of ``modelyard run`` req/s / run-batch req/s (higher
+is better for modelyard). Ratios are taken round by round because this VM's speed drifts by up
+to 20 % within minutes, which moves both sides of a ratio of neighbours alike; the ratios of
+the medians are printed too. Exits 0 if it ran; it asserts nothing about time.
 
     .venv/bin/python benchmarks/throughput.py            # 2000 prompts, about 20 minutes
     .venv/bin/python benchmarks/throughput.py --quick    # a few dozen prompts, CI smoke run
@@ -226,6 +228,12 @@ class Results:
     def median(self, system: str) -> float:
         return statistics.median(x["rps"] for x in self.runs[system])
 
+    def paired(self, system: str, baseline: str) -> list[float]:
+        """``system`` / ``baseline`` round by round: runs of one round are minutes apart, so a
+        machine that drifts (this VM's speed moved by up to 20 % within a quarter of an hour)
+        moves both sides of each ratio alike."""
+        return [a["rps"] / b["rps"] for a, b in zip(self.runs[system], self.runs[baseline])]
+
     def rows(self) -> list[dict]:
         out = []
         for system, runs in self.runs.items():
@@ -316,7 +324,11 @@ def main() -> int:
                         note = f"flow call to commit; {manifest['input']['shards']} shard(s), in flight {in_flight}"
                     res.add(system, {**got, "prefix_hit": cache.hit_rate()}, note)
         best_c = max(sweep, key=lambda c: res.median(f"raw aiohttp c={c}"))
-        ratio_raw = res.median("modelyard (in-process)") / res.median(f"raw aiohttp c={best_c}")
+        best = f"raw aiohttp c={best_c}"
+        ratios_raw = res.paired("modelyard (in-process)", best)
+        ratio_raw = statistics.median(ratios_raw)
+        notes = [f"modelyard / raw c={best_c} round by round: {' '.join(f'{x:.3f}' for x in ratios_raw)}; "
+                 f"ratio of the medians {res.median('modelyard (in-process)') / res.median(best):.3f}"]
         ratio_rb = float("nan")
         if not a.skip_run_batch:
             exe = C.ORCH_PYTHON.with_name("modelyard")
@@ -337,10 +349,16 @@ def main() -> int:
                     tokens, errors = manifest_tokens(json.loads((out / "_manifest.json").read_text()))
                     res.add("modelyard run (like for like)", {"wall": wall, "tokens": tokens, "errors": errors},
                             "subprocess, managed server start included")
-            ratio_rb = res.median("modelyard run (like for like)") / res.median("vllm run-batch")
+            ratios_rb = res.paired("modelyard run (like for like)", "vllm run-batch")
+            ratio_rb = statistics.median(ratios_rb)
+            notes.append(f"modelyard run / run-batch round by round: {' '.join(f'{x:.3f}' for x in ratios_rb)}; "
+                         f"ratio of the medians "
+                         f"{res.median('modelyard run (like for like)') / res.median('vllm run-batch'):.3f}")
     print(C.table(res.rows(), ["system", "runs", "req_s", "range", "wall_s", "tok_s", "errors", "prefix_hit", "note"]))
     print(f"{n} prompts of {a.max_tokens} tokens; req_s, wall_s, tok_s: medians of the runs; prefix_hit: the highest "
           f"prefix-cache hit rate of a run (the cache is emptied before each); best raw concurrency: {best_c}")
+    print("\n".join(notes))
+    print("ratios below: the median of the round-by-round ratios")
     print("peak RSS: psutil sampling (50 ms) of the orchestrator process during the in-process modelyard runs")
     print(f"ratio_vs_raw={ratio_raw:.3f} ratio_vs_run_batch={ratio_rb:.3f} peak_rss_mb={peak_rss:.0f}")
     return 0
