@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -98,13 +99,33 @@ def prefect_server(tmp_path_factory):
     log.close()
 
 
-def requests_served(server) -> int:
-    """Requests a real vLLM server has finished, from its own Prometheus counters."""
+def requests_served(server, settle: float = 0.25, timeout: float = 15.0) -> int:
+    """Requests a real vLLM server has finished, from its own Prometheus counters.
+
+    vLLM records a request's stats after it has handed the reply to the HTTP layer, so a
+    client can see its last reply before the counter moves. Read until the server runs and
+    queues nothing and the counter holds still for `settle` seconds (0: read once)."""
     import httpx
 
-    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("vllm:request_success_total{")))
+    def read() -> tuple[int, float]:
+        text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
+
+        def total(prefix: str) -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+        busy = total("vllm:num_requests_running{") + total("vllm:num_requests_waiting{")
+        return int(total("vllm:request_success_total{")), busy
+
+    deadline = time.monotonic() + timeout
+    last, busy = read()
+    if not settle:  # a reading while requests run (a test watching progress)
+        return last
+    while True:
+        time.sleep(settle)
+        now, busy_now = read()
+        if (now == last and busy == busy_now == 0) or time.monotonic() > deadline:
+            return now
+        last, busy = now, busy_now
 
 
 def vllm_process(server):
