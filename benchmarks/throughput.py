@@ -6,13 +6,15 @@ system produces the same number of tokens:
 
 1. **raw ceiling**: a minimal asyncio aiohttp client sends the same chat requests to a managed
    server (started through ``modelyard.serving.REGISTRY``, so with modelyard's own server
-   options) at a sweep of fixed concurrencies (default 64, 96, 128); the best is the ceiling.
-   ``--clients`` adds the same client on httpx at 64 in flight, to show why modelyard does not
-   use it.
+   options) at a sweep of fixed concurrencies (default 64, 96, 128), one run each; the best is
+   the ceiling's concurrency. ``--clients`` adds the same client on httpx at 64 in flight, to
+   show why modelyard does not use it.
 2. **modelyard**: a one-stage pipeline (text output, request cache off) over the same prompts
    against the same server (an ``endpoints:`` model with the requests in flight modelyard gives
    a managed model of these serve options), run in this process under Prefect's ephemeral API;
-   timed from the flow call to the committed output. The orchestrator's peak RSS during those
+   timed from the flow call to the committed output (the manifest, written last). It runs in
+   ``--rounds`` pairs with the raw client at the ceiling's concurrency, back to back, the order
+   alternating (raw first, then modelyard first, ...). The orchestrator's peak RSS during those
    runs is sampled with psutil (this process only, every 50 ms; the Prefect API subprocess and
    vLLM are excluded).
 3. **vllm run-batch**: ``python -m vllm.entrypoints.openai.run_batch`` on the same requests as
@@ -22,22 +24,21 @@ system produces the same number of tokens:
    from process start to exit.
 
 Fairness. Systems 1 and 2 share one server (a fresh one per measurement gave +-5 % between
-servers, more than the gap being measured) and take turns, in a rotating order, for
-``--rounds`` rounds; before each measurement the server's prefix cache is emptied
-(``/reset_prefix_cache``, dev mode), or a system sending prompts the server has already seen
-would skip their prefill (+45 % here). Section 3 alternates run-batch and ``modelyard run``
-for ``--start-rounds`` rounds, each with its own engine start. Every figure is the median of its
-runs; nothing else runs meanwhile (2 cores).
+servers, more than the gap being measured); before each measurement the server's prefix cache
+is emptied (``/reset_prefix_cache``, dev mode), or a system sending prompts the server has
+already seen would skip their prefill (+45 % here). Section 3 alternates run-batch and
+``modelyard run`` for ``--start-rounds`` rounds, each with its own engine start. Nothing else
+runs meanwhile (2 cores).
 
-Prints a table, then as the last line
-``ratio_vs_raw=R1 ratio_vs_run_batch=R2 peak_rss_mb=M``: R1 is the median over rounds of
-modelyard (in-process) req/s / req/s of the raw client at its best concurrency (by median) in
-the same round, R2 the median over rounds of ``modelyard run`` req/s / run-batch req/s (higher
-is better for modelyard). Ratios are taken round by round because this VM's speed drifts by up
-to 20 % within minutes, which moves both sides of a ratio of neighbours alike; the ratios of
-the medians are printed too. Exits 0 if it ran; it asserts nothing about time.
+Prints a table (medians of each system's runs), then as the last line
+``ratio_vs_raw=R1 ratio_vs_run_batch=R2 peak_rss_mb=M``: R1 is the median over the pairs of
+modelyard's req/s / the raw client's req/s, R2 the median over rounds of ``modelyard run``
+req/s / run-batch req/s (higher is better for modelyard). Ratios are taken between neighbouring
+runs because this VM's speed drifts by up to 20 % within minutes, which moves both sides of
+such a ratio alike; the ratios over all pairs' time and of the medians are printed too. Exits 0
+if it ran; it asserts nothing about time.
 
-    .venv/bin/python benchmarks/throughput.py            # 2000 prompts, about 20 minutes
+    .venv/bin/python benchmarks/throughput.py            # 2000 prompts, about 22 minutes
     .venv/bin/python benchmarks/throughput.py --quick    # a few dozen prompts, CI smoke run
 """
 
@@ -255,7 +256,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=None,
                     help="raw-client sweep (default 64 96 128; 64 with --quick)")
     ap.add_argument("--rounds", type=int, default=None,
-                    help="turns of every raw concurrency and modelyard on the shared server (default 3; 1 with --quick)")
+                    help="pairs of modelyard and the raw client at its best concurrency (default 4; 1 with --quick)")
     ap.add_argument("--start-rounds", type=int, default=None,
                     help="turns of run-batch and modelyard run, engine start included (default 2; 1 with --quick)")
     ap.add_argument("--in-flight", type=int, default=None,
@@ -264,14 +265,14 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="CI smoke run: few prompts, one sweep point, one round")
     ap.add_argument("--skip-run-batch", action="store_true", help="skip run-batch and the like-for-like run")
     ap.add_argument("--clients", action="store_true",
-                    help="also measure a raw httpx client at 64 in flight, in the first round (not in the ceiling)")
+                    help="also measure a raw httpx client at 64 in flight, before the sweep (not in the ceiling)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args()
     from modelyard.config import ModelConfig
 
     n = a.n or (48 if a.quick else 2000)
     sweep = a.concurrency or ([64] if a.quick else [64, 96, 128])
-    rounds = a.rounds or (1 if a.quick else 3)
+    rounds = a.rounds or (1 if a.quick else 4)
     start_rounds = a.start_rounds or (1 if a.quick else 2)
     in_flight = a.in_flight or ModelConfig.model_validate(managed_model()).in_flight
     prompts = C.make_prompts(n)
@@ -299,36 +300,55 @@ def main() -> int:
                 exe = C.ORCH_PYTHON.with_name("modelyard")
                 C.run_subprocess([str(exe), "run", str(warm), "--output", str(work / "out-warm-cli")],
                                  env=C.cli_env(work / "prefect-cli"), cwd=C.ROOT)
-            systems = [f"raw aiohttp c={c}" for c in sweep] + ["modelyard (in-process)"]
+            # 1. the sweep: each raw concurrency once; the best is the ceiling's concurrency
+            if a.clients:
+                cache.reset()
+                res.add("raw httpx c=64", {**run_raw(url, served, prompts, a.max_tokens, 64, "httpx"),
+                                           "prefix_hit": cache.hit_rate()}, "httpx.AsyncClient, not in the ceiling")
+            for c in sweep:
+                cache.reset()
+                res.add(f"raw aiohttp c={c}", {**run_raw(url, served, prompts, a.max_tokens, c),
+                                               "prefix_hit": cache.hit_rate()}, "asyncio workers, fixed concurrency")
+            best_c = max(sweep, key=lambda c: res.median(f"raw aiohttp c={c}"))
+            best = f"raw aiohttp c={best_c}"
+            C.log(f"best raw concurrency: {best_c}")
+            # 2. pairs: modelyard and the raw client at that concurrency, back to back, the order
+            # alternating (raw first, then modelyard first, ...) so that a steady drift of the
+            # machine's speed favours neither
+            pairs: list[tuple[float, float]] = []
             for r in range(rounds):
-                order = systems[r % len(systems):] + systems[:r % len(systems)]
-                if a.clients and r == 0:
-                    order = ["raw httpx c=64", *order]
-                for system in order:
+                got: dict[str, float] = {}
+                for system in (["raw", "modelyard"] if r % 2 == 0 else ["modelyard", "raw"]):
                     cache.reset()
-                    if system.startswith("raw"):
-                        client, c = re.fullmatch(r"raw (\w+) c=(\d+)", system).groups()
-                        got = run_raw(url, served, prompts, a.max_tokens, int(c), client)
-                        note = ("httpx.AsyncClient, not in the ceiling" if client == "httpx"
-                                else "asyncio workers, fixed concurrency")
-                    else:
-                        cfg = pipeline_config(work / f"inproc-{r}.yaml", "bench-throughput", data,
-                                              work / f"out-inproc-{r}", ext, a.max_tokens, a.shard_rows)
-                        with C.RssSampler() as rss:
-                            t0 = time.perf_counter()
-                            manifest = C.run_flow(cfg)
-                            wall = time.perf_counter() - t0
-                        peak_rss = max(peak_rss, rss.peak_mb)
-                        tokens, errors = manifest_tokens(manifest)
-                        got = {"wall": wall, "tokens": tokens, "errors": errors}
-                        note = f"flow call to commit; {manifest['input']['shards']} shard(s), in flight {in_flight}"
-                    res.add(system, {**got, "prefix_hit": cache.hit_rate()}, note)
-        best_c = max(sweep, key=lambda c: res.median(f"raw aiohttp c={c}"))
-        best = f"raw aiohttp c={best_c}"
-        ratios_raw = res.paired("modelyard (in-process)", best)
+                    if system == "raw":
+                        got[system] = res.add(best, {**run_raw(url, served, prompts, a.max_tokens, best_c),
+                                                     "prefix_hit": cache.hit_rate()})
+                        continue
+                    cfg = pipeline_config(work / f"inproc-{r}.yaml", "bench-throughput", data,
+                                          work / f"out-inproc-{r}", ext, a.max_tokens, a.shard_rows)
+                    with C.RssSampler() as rss:
+                        t0 = time.time()
+                        manifest = C.run_flow(cfg)
+                        returned = time.time() - t0
+                    peak_rss = max(peak_rss, rss.peak_mb)
+                    # the issue's measure: flow start to committed output, here the moment the
+                    # manifest (written last, then moved into place) was written; after that
+                    # Prefect still finishes the flow run (its final state, the heartbeat's join)
+                    wall = (work / f"out-inproc-{r}" / "_manifest.json").stat().st_mtime - t0
+                    tokens, errors = manifest_tokens(manifest)
+                    got[system] = res.add("modelyard (in-process)",
+                                          {"wall": wall, "returned": returned, "tokens": tokens, "errors": errors,
+                                           "prefix_hit": cache.hit_rate()},
+                                          f"flow call to commit; {manifest['input']['shards']} shard(s), "
+                                          f"in flight {in_flight}")
+                pairs.append((got["modelyard"], got["raw"]))
+        ratios_raw = [m / r for m, r in pairs]
         ratio_raw = statistics.median(ratios_raw)
-        notes = [f"modelyard / raw c={best_c} round by round: {' '.join(f'{x:.3f}' for x in ratios_raw)}; "
-                 f"ratio of the medians {res.median('modelyard (in-process)') / res.median(best):.3f}"]
+        my_runs = res.runs["modelyard (in-process)"]
+        notes = [f"modelyard / raw c={best_c}, pair by pair: {' '.join(f'{x:.3f}' for x in ratios_raw)}; "
+                 f"all pairs' time, raw over modelyard: {sum(n / r for _, r in pairs) / sum(n / m for m, _ in pairs):.3f}",
+                 f"modelyard from the flow call to its return (Prefect finishing the flow run): median "
+                 f"{statistics.median(n / r['returned'] for r in my_runs):.2f} req/s"]
         ratio_rb = float("nan")
         if not a.skip_run_batch:
             exe = C.ORCH_PYTHON.with_name("modelyard")
@@ -358,7 +378,7 @@ def main() -> int:
     print(f"{n} prompts of {a.max_tokens} tokens; req_s, wall_s, tok_s: medians of the runs; prefix_hit: the highest "
           f"prefix-cache hit rate of a run (the cache is emptied before each); best raw concurrency: {best_c}")
     print("\n".join(notes))
-    print("ratios below: the median of the round-by-round ratios")
+    print("ratios below: the medians of the pair-by-pair (raw) and round-by-round (run-batch) ratios")
     print("peak RSS: psutil sampling (50 ms) of the orchestrator process during the in-process modelyard runs")
     print(f"ratio_vs_raw={ratio_raw:.3f} ratio_vs_run_batch={ratio_rb:.3f} peak_rss_mb={peak_rss:.0f}")
     return 0
