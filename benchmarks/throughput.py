@@ -34,9 +34,9 @@ Prints a table (medians of each system's runs), then as the last line
 ``ratio_vs_raw=R1 ratio_vs_run_batch=R2 peak_rss_mb=M``: R1 is the median over the pairs of
 modelyard's req/s / the raw client's req/s, R2 the median over rounds of ``modelyard run``
 req/s / run-batch req/s (higher is better for modelyard). Ratios are taken between neighbouring
-runs because this VM's speed drifts by up to 20 % within minutes, which moves both sides of
-such a ratio alike; the ratios over all pairs' time and of the medians are printed too. Exits 0
-if it ran; it asserts nothing about time.
+runs because this VM's speed drifts by up to 30 % within minutes, which moves both sides of
+such a ratio alike; the ratio over all pairs' time (raw) and of the medians (run-batch) are
+printed too. Exits 0 if it ran; it asserts nothing about time.
 
     .venv/bin/python benchmarks/throughput.py            # 2000 prompts, about 22 minutes
     .venv/bin/python benchmarks/throughput.py --quick    # a few dozen prompts, CI smoke run
