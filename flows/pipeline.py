@@ -75,7 +75,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                                 prepared.staging.root)
                 return j
 
-            used = {cfg.stages[i].model for i in wave.stages}
+            used = {m for i in wave.stages for m in cfg.stages[i].models_used}
             hit: dict = {}
             cached = pipeline.cached_models(loaded, used)
             if cached is not None:  # every model known: try the cache before starting any server

@@ -130,7 +130,7 @@ def prewarm(loaded, gpus: int | None):
     from modelyard.serving import REGISTRY
 
     cfg = loaded.config
-    if len(plan_for(cfg, gpus).waves) > 1 or pipeline.cached_models(loaded, {st.model for st in cfg.stages}) is not None:
+    if len(plan_for(cfg, gpus).waves) > 1 or pipeline.cached_models(loaded, {m for st in cfg.stages for m in st.models_used}) is not None:
         # waves: the flow stops each wave's servers, which holding them here would not; known models:
         # the flow tries the request cache first and starts servers only if it cannot answer
         yield

@@ -54,6 +54,24 @@ class ServeOptions(Strict):
     replicas: int = Field(1, ge=1, description="Managed servers of this model; requests go to the least busy.")
 
 
+class PriceConfig(Strict):
+    """What a model costs: per token (an API or a rented endpoint) or per GPU-hour (a managed server)."""
+
+    prompt_per_1m: float | None = Field(None, ge=0, description="Price of 1,000,000 prompt tokens.")
+    completion_per_1m: float | None = Field(None, ge=0, description="Price of 1,000,000 completion tokens.")
+    gpu_hour: float | None = Field(None, ge=0, description="Price of one GPU-hour of a managed server; its "
+                                   "GPU-seconds over the run are split across its rows by tokens.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PriceConfig:
+        per_token = self.prompt_per_1m is not None or self.completion_per_1m is not None
+        if per_token and self.gpu_hour is not None:
+            raise ValueError("give a price per token (prompt_per_1m, completion_per_1m) or gpu_hour, not both")
+        if not per_token and self.gpu_hour is None:
+            raise ValueError("give prompt_per_1m and completion_per_1m, or gpu_hour")
+        return self
+
+
 class ModelConfig(Strict):
     model: str = Field(description="HF id, local path, or builtin:NAME (builtin:tiny-llama, builtin:minilm).")
     endpoints: list[str] | None = Field(
@@ -68,6 +86,7 @@ class ModelConfig(Strict):
     )
     timeout: float = Field(300, gt=0, description="Seconds to wait for one response.")
     retries: int = Field(3, ge=0, description="Retries of a transient failure (connection, 5xx, 429) per request.")
+    price: PriceConfig | None = Field(None, description="What the model costs, for the cost figures of a run.")
 
     @model_validator(mode="after")
     def _managed_or_external(self) -> ModelConfig:
@@ -97,9 +116,87 @@ class ModelConfig(Strict):
         return seqs + seqs // 2
 
 
+class TierConfig(Strict):
+    """One tier of a cascade: a model, and how sure it must be for a row to stop here."""
+
+    model: str = Field(description="Key of the model under `models`.")
+    min_confidence: float | Literal["auto"] | None = Field(
+        None, description="Rows whose answer has a lower confidence (from logprobs) go on to the next tier; "
+        "auto: set by `calibrate`. Omitted: only invalid, failed, truncated, escalate_when or judged rows go on.")
+
+
+class JudgeConfig(Strict):
+    """A model that rates a tier's answer; rows it rejects go on to the next tier."""
+
+    model: str = Field(description="Key of the model under `models`.")
+    prompt: str | None = Field(None, description="Jinja2 template; reads the row and the stage's output.")
+    prompt_file: str | None = Field(None, description="File holding the judge's prompt, relative to the config.")
+    system: str | None = Field(None, description="Jinja2 template of a system message.")
+    choice: list[str] | None = Field(None, description="Structured output of the judge: one of these strings.")
+    regex: str | None = Field(None, description="Structured output of the judge: text matching this regex.")
+    json_schema: dict[str, Any] | None = Field(None, description="Structured output of the judge: JSON.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Sampling params of the judge.")
+    output: str = Field(pattern=IDENT, description="Name of the judge's answer, as accept_when reads it.")
+    accept_when: str = Field(description="Expression over the judge's output (and the row): true keeps the "
+                             "tier's answer, false sends the row on.")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> JudgeConfig:
+        if (self.prompt is None) == (self.prompt_file is None):
+            raise ValueError("give exactly one of prompt or prompt_file")
+        constraints = [k for k in ("choice", "regex", "json_schema") if getattr(self, k) is not None]
+        if len(constraints) > 1:
+            raise ValueError(f"give at most one structured-output constraint, not {', '.join(constraints)}")
+        return self
+
+
+class CalibrateConfig(Strict):
+    """How `min_confidence: auto` thresholds are set."""
+
+    rows: int = Field(200, gt=0, description="Sample rows every tier answers (drawn with a fixed seed).")
+    agreement: float = Field(0.95, gt=0, le=1, description="Least share of the sample on which the cascade "
+                             "must answer as its last tier does.")
+    seed: int = Field(0, description="Seed of the sample.")
+
+
+class VoteConfig(Strict):
+    """Several models, or several samples of one, answer; the majority wins."""
+
+    models: list[str] | None = Field(None, description="Keys of the voting models, in tie-break order.")
+    model: str | None = Field(None, description="One model asked `samples` times.")
+    samples: int | None = Field(None, ge=2, description="Samples per model (temperature above 0).")
+
+    @model_validator(mode="after")
+    def _who(self) -> VoteConfig:
+        if (self.models is None) == (self.model is None):
+            raise ValueError("give models: [a, b, ...] or model: a with samples: N")
+        if self.models is not None and len(set(self.models)) != len(self.models):
+            raise ValueError("models names a model twice; use samples to ask one model several times")
+        return self
+
+    @property
+    def voters(self) -> list[str]:
+        return list(self.models) if self.models is not None else [str(self.model)]
+
+
+class RouteRule(Strict):
+    """One rule of a route: rows for which `when` holds go to `model`."""
+
+    when: str | None = Field(None, description="Jinja2 expression over the row; omitted on the last rule.")
+    model: str = Field(description="Key of the model under `models`.")
+
+
 class StageConfig(Strict):
     name: str = Field(pattern=IDENT, description="Stage name: task-run names, lineage field.")
-    model: str = Field(description="Key of the model under `models`.")
+    model: str | None = Field(None, description="Key of the model under `models` (or give cascade, vote or route).")
+    cascade: list[TierConfig] | None = Field(
+        None, description="Tiers in order: a row stops at the first tier whose answer it trusts.")
+    escalate_when: str | None = Field(None, description="Cascade: also go on when this holds for a tier's answer.")
+    judge: JudgeConfig | None = Field(None, description="Cascade: a model rates each tier's answer.")
+    calibrate: CalibrateConfig | None = Field(None, description="Cascade: how `min_confidence: auto` is set.")
+    vote: VoteConfig | None = Field(None, description="Several models (or samples) answer; the majority wins.")
+    route: list[RouteRule] | None = Field(None, description="Per row, the first rule whose `when` holds names "
+                                          "the model.")
     prompt: str | None = Field(None, description="Jinja2 template (sandboxed) of the user message.")
     prompt_file: str | None = Field(None, description="File holding the prompt template, relative to the config.")
     system: str | None = Field(None, description="Jinja2 template of a system message (chat only).")
@@ -133,6 +230,51 @@ class StageConfig(Strict):
         return v
 
     @model_validator(mode="after")
+    def _one_strategy(self) -> StageConfig:
+        given = [k for k in ("model", "cascade", "vote", "route") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of model, cascade, vote or route"
+                             + (f", not {' and '.join(given)}" if given else ""))
+        if self.vote is not None:
+            if self.constraint is None:
+                raise ValueError("vote: free text cannot be voted on; give choice, regex or json_schema")
+            if self.vote.models is not None and len(self.vote.models) < 2 and not self.vote.samples:
+                raise ValueError("vote: a vote of one model needs samples: N (N >= 2)")
+            if self.vote.samples and not float(self.params.get("temperature", 1.0) or 0) > 0:
+                raise ValueError("vote.samples: samples of one model differ only when sampled: set "
+                                 "params.temperature above 0")
+        if self.route is not None:
+            if not self.route:
+                raise ValueError("route: give at least one rule")
+            for j, r in enumerate(self.route[:-1]):
+                if r.when is None:
+                    raise ValueError(f"route[{j}].when: every rule but the last needs `when` (rules after "
+                                     "it could never be reached)")
+            if self.route[-1].when is not None:
+                raise ValueError(f"route[{len(self.route) - 1}].when: the last rule takes every row left and "
+                                 "has no `when`")
+        if self.cascade is None:
+            extra = [k for k in ("escalate_when", "judge", "calibrate") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} belong(s) to a cascade; this stage has none")
+            return self
+        tiers = self.cascade
+        if len(tiers) < 2:
+            raise ValueError("cascade: a cascade needs at least two tiers (one tier is `model:`)")
+        for i, t in enumerate(tiers):
+            if isinstance(t.min_confidence, float) and not 0 <= t.min_confidence <= 1:
+                raise ValueError(f"cascade[{i}].min_confidence: {t.min_confidence} is outside 0..1")
+        if tiers[-1].min_confidence is not None:
+            raise ValueError(f"cascade[{len(tiers) - 1}].min_confidence: the last tier answers every row that "
+                             "reaches it; a threshold there means nothing")
+        auto = any(t.min_confidence == "auto" for t in tiers)
+        if self.calibrate is not None and not auto:
+            raise ValueError("calibrate: no tier has min_confidence: auto, so there is nothing to calibrate")
+        if auto and self.calibrate is None:
+            self.calibrate = CalibrateConfig()
+        return self
+
+    @model_validator(mode="after")
     def _one_prompt_one_constraint(self) -> StageConfig:
         sources = [k for k in ("prompt", "prompt_file", "input") if getattr(self, k) is not None]
         if len(sources) != 1:
@@ -141,6 +283,28 @@ class StageConfig(Strict):
         if len(constraints) > 1:
             raise ValueError(f"give at most one structured-output constraint, not {', '.join(constraints)}")
         return self
+
+    @property
+    def strategy(self) -> str:
+        """single (one model), cascade, vote or route."""
+        for k in ("cascade", "vote", "route"):
+            if getattr(self, k) is not None:
+                return k
+        return "single"
+
+    @property
+    def models_used(self) -> list[str]:
+        """Every model the stage may ask, in order: the model, the tiers (then the judge), the
+        voters, or the routes' models."""
+        if self.cascade is not None:
+            names = [t.model for t in self.cascade] + ([self.judge.model] if self.judge else [])
+        elif self.vote is not None:
+            names = self.vote.voters
+        elif self.route is not None:
+            names = [r.model for r in self.route]
+        else:
+            names = [self.model] if self.model else []
+        return list(dict.fromkeys(names))
 
     @property
     def constraint(self) -> str | None:
@@ -216,6 +380,10 @@ class PipelineConfig(Strict):
         problems = []
         seen: dict[str, int] = {}
         outputs: dict[str, int] = {}
+        for name, m in self.models.items():
+            if m.price is not None and m.price.gpu_hour is not None and not m.managed:
+                problems.append(f"models.{name}.price.gpu_hour: only a managed server's GPU time is known; "
+                                "price an external endpoint per token (prompt_per_1m, completion_per_1m)")
         for i, st in enumerate(self.stages):
             if st.name in seen:
                 problems.append(f"stages[{i}].name: {st.name!r} is also stages[{seen[st.name]}]")
@@ -225,22 +393,49 @@ class PipelineConfig(Strict):
             outputs.setdefault(st.output, i)
             if st.output.startswith("_"):
                 problems.append(f"stages[{i}].output: names starting with _ are reserved for lineage columns")
-            m = self.models.get(st.model)
-            if m is None:
-                problems.append(f"stages[{i}].model: {st.model!r} is not one of models: {', '.join(self.models)}")
-                continue
-            if m.task == "embed":
-                if st.input is None:
-                    problems.append(f"stages[{i}]: model {st.model!r} embeds; give `input`, not a prompt")
-                if st.constraint:
-                    problems.append(f"stages[{i}]: an embedding stage takes no {st.constraint}")
-            elif st.input is not None:
-                problems.append(f"stages[{i}].input: model {st.model!r} generates; use `prompt` (or task: embed)")
+            problems += self._stage_models(i, st)
             if st.system is not None and st.api != "chat":
                 problems.append(f"stages[{i}].system: a system message needs api: chat")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+    def _stage_models(self, i: int, st: StageConfig) -> list[str]:
+        """The models a stage names exist, and fit what the stage asks of them."""
+        problems = []
+        refs: list[tuple[str, str]] = []  # (key path, model name)
+        if st.model is not None:
+            refs.append(("model", st.model))
+        for j, t in enumerate(st.cascade or []):
+            refs.append((f"cascade[{j}].model", t.model))
+        if st.judge is not None:
+            refs.append(("judge.model", st.judge.model))
+        if st.vote is not None:
+            refs += [(f"vote.models[{j}]", m) for j, m in enumerate(st.vote.models or [])]
+            refs += [("vote.model", st.vote.model)] if st.vote.model else []
+        for j, r in enumerate(st.route or []):
+            refs.append((f"route[{j}].model", r.model))
+        for key, name in refs:
+            m = self.models.get(name)
+            if m is None:
+                problems.append(f"stages[{i}].{key}: {name!r} is not one of models: {', '.join(self.models)}")
+                continue
+            if st.model is None and m.task == "embed":
+                what = key.split("[")[0].split(".")[0]
+                problems.append(f"stages[{i}].{key}: {name!r} is an embedding model; a {what} needs models that "
+                                "generate")
+                continue
+            if key == "judge.model":
+                continue
+            if m.task == "embed":
+                if st.input is None:
+                    problems.append(f"stages[{i}]: model {name!r} embeds; give `input`, not a prompt")
+                if st.constraint:
+                    problems.append(f"stages[{i}]: an embedding stage takes no {st.constraint}")
+            elif st.input is not None:
+                problems.append(f"stages[{i}].input: model {name!r} generates; use `prompt` (or task: embed)")
+        return problems
 
 
 class LoadedConfig(BaseModel):

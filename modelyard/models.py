@@ -74,7 +74,7 @@ def open_models(loaded: LoadedConfig, only: set[str] | None = None, gpus: int | 
     """Start managed models (every replica, placed by the GPU planner for GPU wave ``wave``),
     probe all; stop the managed ones on exit (also on error or Ctrl-C)."""
     cfg = loaded.config
-    used = {st.model for st in cfg.stages}
+    used = {m for st in cfg.stages for m in st.models_used}
     names = [n for n in cfg.models if n in (used if only is None else only)]
     managed = [n for n in names if cfg.models[n].managed]
     servers: dict[str, list[Server]] = {n: [] for n in managed}

@@ -64,7 +64,8 @@ def needs_from_config(cfg) -> list[ModelNeed]:
     """The managed models of a PipelineConfig that some stage uses, in order of first use."""
     used: dict[str, list[int]] = {}
     for i, st in enumerate(cfg.stages):
-        used.setdefault(st.model, []).append(i)
+        for name in st.models_used:
+            used.setdefault(name, []).append(i)
     managed = {k: m.serve for k, m in cfg.models.items() if m.managed}
     return [ModelNeed(k, idx[0], idx[-1], (managed[k] and managed[k].tensor_parallel_size) or 1,
                       getattr(managed[k], "replicas", 1) or 1, tuple(idx)) for k, idx in used.items() if k in managed]

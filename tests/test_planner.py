@@ -266,7 +266,7 @@ def test_needs_from_config():
 def test_needs_reads_replicas_when_present():
     serve = SimpleNamespace(tensor_parallel_size=None, replicas=3)
     cfg = SimpleNamespace(models={"m": SimpleNamespace(managed=True, serve=serve)},
-                          stages=[SimpleNamespace(model="m", name="s")])
+                          stages=[SimpleNamespace(model="m", name="s", models_used=["m"])])
     assert needs_from_config(cfg) == [ModelNeed("m", 0, 0, 1, 3, (0,))]
     assert shape(plan(needs_from_config(cfg), 4)) == [([0], {"m#0": [0], "m#1": [1], "m#2": [2]})]
 
