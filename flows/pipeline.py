@@ -12,13 +12,14 @@ import time
 from prefect import flow, get_run_logger, runtime
 
 from modelyard import pipeline
+from modelyard.cost import wave_gpu_seconds
 from modelyard.models import open_models
 from modelyard.planner import plan_for
 from modelyard.progress import TRACKER
 from tasks import ui
 from flows.shards import run_shards
 from tasks.runners import task_runner
-from tasks.shards import answer_from_cache, commit_output, plan_shards
+from tasks.shards import answer_from_cache, calibrate_cascades, commit_output, plan_shards
 
 
 def _run_name() -> str:
@@ -33,7 +34,7 @@ def _run_name() -> str:
 @flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int | None = None,
                  output: str | None = None, retry_truncated: bool = False, timezone: str = "UTC",
-                 runner: str | None = None, gpus: int | None = None) -> dict:
+                 runner: str | None = None, gpus: int | None = None, retry_errors: bool = False) -> dict:
     """Run the pipeline of CONFIG once and return its manifest.
 
     `params` fill the config's {placeholders}; `date` defaults to the scheduled date of the run in
@@ -54,6 +55,8 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
         waves = gpu_plan.waves
         TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards) * len(waves))
         models: dict = {}
+        calibrations: dict = {}  # cascade stage -> its fitted thresholds
+        gpu_seconds: dict = {}  # managed model -> devices x seconds its servers were up
         ids = list(range(len(plan.shards)))
         for k, wave in enumerate(waves):
             names = [cfg.stages[i].name for i in wave.stages]
@@ -68,7 +71,8 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
             def new_job(up: dict, cache_only: bool = False):
                 nonlocal start
                 j = pipeline.make_job(prepared, run_id, {**models, **up}, retry_truncated, k, len(waves),
-                                      tuple(wave.stages), cache_only)
+                                      tuple(wave.stages), cache_only, retry_errors,
+                                      {n: c["thresholds"] for n, c in calibrations.items()})
                 if start is None:
                     start = pipeline.lineage_start(prepared, j, run_id, loaded.params.get("date"))
                     logger.info("%s: %d rows in %d shards; staging %s", cfg.name, plan.rows, len(ids),
@@ -76,11 +80,15 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                 return j
 
             used = {m for i in wave.stages for m in cfg.stages[i].models_used}
+            calibrated = any(cfg.stages[i].calibrate is not None for i in wave.stages)
             hit: dict = {}
             cached = pipeline.cached_models(loaded, used)
             if cached is not None:  # every model known: try the cache before starting any server
-                job = new_job(cached, cache_only=True)
-                hit = answer_from_cache(job, ids)
+                fitted = calibrate_cascades(new_job(cached, cache_only=True), plan) if calibrated else {}
+                if fitted is not None:
+                    calibrations.update(fitted)
+                    job = new_job(cached, cache_only=True)
+                    hit = answer_from_cache(job, ids)
                 logger.info("%s%d of %d shards answered by the request cache%s", label, len(hit), len(ids),
                             "" if len(hit) == len(ids) else "; starting the models for the rest")
             if len(hit) == len(ids):
@@ -89,12 +97,15 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                     pipeline.save_wave_models(prepared, k, cached)
                 stats = [hit[i] for i in ids]
                 continue
+            up_since = time.time()
             with open_models(loaded, only=used, gpus=gpus, wave=k) as (up, warnings):
                 for w in warnings:
                     logger.warning(w)
                 pipeline.remember_models(loaded, up)
                 if not last:
                     pipeline.save_wave_models(prepared, k, up)
+                if calibrated:  # `min_confidence: auto`: fit the thresholds before the shards
+                    calibrations.update(calibrate_cascades(new_job(up), plan))
                 job = new_job(up)
                 models.update(up)
                 if label:
@@ -104,7 +115,9 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                 shards = run_shards.with_options(task_runner=task_runner(cfg, runner))
                 ran = dict(zip(todo, shards(job, todo, "+".join(names), progress)))
                 stats = [hit.get(i) or ran[i] for i in ids]
-        manifest = commit_output(prepared, job, plan, stats, run_id, started, start)
+            for m, sec in wave_gpu_seconds(wave.placements, time.time() - up_since).items():
+                gpu_seconds[m] = gpu_seconds.get(m, 0.0) + sec
+        manifest = commit_output(prepared, job, plan, stats, run_id, started, start, gpu_seconds, calibrations)
     except BaseException as e:
         pipeline.lineage_fail(prepared, job, run_id, start, e)
         raise

@@ -105,7 +105,8 @@ def run(
 
             quiet_user_tracebacks()
             manifest = run_pipeline(config=config, params=loaded.params, limit=limit, output=output,
-                                    retry_truncated=retry_truncated, runner=runner, gpus=gpus)
+                                    retry_truncated=retry_truncated, runner=runner, gpus=gpus,
+                                    retry_errors=retry_errors)
     except UserError as e:
         _fail(e)
     except KeyboardInterrupt:

@@ -26,6 +26,24 @@ STAGE_LINEAGE = pa.struct([
 ])
 LINEAGE_FIELDS = [f.name for f in STAGE_LINEAGE]
 
+# One model asked on a row by a cascade, vote or route stage.
+TIER_ENTRY = pa.struct([
+    ("model", pa.string()),  # the config's name of the model
+    ("role", pa.string()),  # answer (a cascade tier or a route), judge, voter
+    ("tier", pa.int32()),  # the cascade tier, vote position or route rule it belongs to
+    ("answer", pa.string()),  # its answer as text (JSON for structured values), or its raw text if invalid
+    ("confidence", pa.float64()),
+    ("reason", pa.string()),  # accepted, low_confidence, invalid, failed, truncated, escalate_when, judge, ...
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("latency_ms", pa.float64()),
+    ("cached", pa.bool_()),
+])
+# Stages that ask several models add how sure the kept answer is, which tier or rule gave it, and
+# every model's attempt.
+MULTI_LINEAGE = pa.struct([*STAGE_LINEAGE, ("confidence", pa.float64()), ("tier", pa.int32()),
+                           ("tiers", pa.list_(TIER_ENTRY))])
+
 ERRORS_SCHEMA = pa.schema([
     ("_row_key", pa.string()),
     ("stage", pa.string()),
@@ -38,11 +56,15 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
-def lineage_type(stage_names: list[str]) -> pa.StructType:
-    return pa.struct([(n, STAGE_LINEAGE) for n in stage_names])
+def lineage_type(stages: dict[str, pa.StructType] | list[str]) -> pa.StructType:
+    """The `_lineage` column: one struct per stage (STAGE_LINEAGE, or MULTI_LINEAGE for stages
+    that ask several models); a list of names: stages of one model each."""
+    items = stages.items() if isinstance(stages, dict) else ((n, STAGE_LINEAGE) for n in stages)
+    return pa.struct(list(items))
 
 
-def output_schema(input_schema: pa.Schema, stages: list[tuple[str, pa.DataType]], stage_names: list[str]) -> pa.Schema:
+def output_schema(input_schema: pa.Schema, stages: list[tuple[str, pa.DataType]],
+                  stage_lineage: dict[str, pa.StructType] | list[str]) -> pa.Schema:
     """Input columns, then one column per stage output, then the lineage columns."""
     fields = [f for f in input_schema if f.name not in ("_row_key", "_source")]
     fields += [pa.field(name, typ) for name, typ in stages]
@@ -50,7 +72,7 @@ def output_schema(input_schema: pa.Schema, stages: list[tuple[str, pa.DataType]]
         pa.field("_row_key", pa.string(), nullable=False),
         pa.field("_source", SOURCE_TYPE),
         pa.field("_run_id", pa.string()),
-        pa.field("_lineage", lineage_type(stage_names)),
+        pa.field("_lineage", lineage_type(stage_lineage)),
     ]
     return pa.schema(fields)
 

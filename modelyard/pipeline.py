@@ -20,11 +20,13 @@ from modelyard.commit import merge, swap_in, target_uri, write_manifest
 from fsspec.core import url_to_fs
 
 from modelyard.config import LoadedConfig, load_config
+from modelyard.cost import run_cost
 from modelyard.failpoints import failpoint
 from modelyard.plan import Plan, build_plan, input_files
 from modelyard.serving import home
 from modelyard.shard import Job, ModelRuntime
 from modelyard.staging import Staging, job_key
+from modelyard.stats import total
 from modelyard.validate import check
 
 log = logging.getLogger("modelyard")
@@ -148,12 +150,27 @@ def cache_path(cfg) -> str | None:
 
 def make_job(p: Prepared, run_id: str, models: dict[str, ModelRuntime], retry_truncated: bool = False,
              wave: int = 0, waves: int = 1, wave_stages: tuple[int, ...] | None = None,
-             cache_only: bool = False) -> Job:
+             cache_only: bool = False, retry_errors: bool = False,
+             thresholds: dict[str, list] | None = None) -> Job:
     cfg = p.loaded.config
     return Job(config=cfg, base_dir=str(p.loaded.base_dir), job_key=p.key, output_root=cfg.output.uri,
                run_id=run_id, models=models, cache_path=cache_path(cfg),
                cache_nondeterministic=cfg.cache.nondeterministic, retry_truncated=retry_truncated,
-               wave=wave, waves=waves, wave_stages=wave_stages, cache_only=cache_only)
+               retry_errors=retry_errors or retry_truncated, wave=wave, waves=waves, wave_stages=wave_stages,
+               cache_only=cache_only, thresholds=dict(thresholds or {}))
+
+
+def calibrate_wave(job: Job, plan: Plan) -> dict[str, dict]:
+    """Fit the `auto` thresholds of the wave's cascade stages; returns each stage's calibration."""
+    from modelyard.calibrate import calibrate
+
+    out = {}
+    for i, st in enumerate(job.stages()):
+        if st.cfg.calibrate is not None and st in job.active():
+            out[st.name] = calibrate(job, i, plan.shards)
+            log.info("stage %s: calibrated on %d rows: thresholds %s, agreement with the last tier %s",
+                     st.name, out[st.name]["rows"], out[st.name]["thresholds"], out[st.name]["agreement"])
+    return out
 
 
 def cached_models(loaded: LoadedConfig, names: set[str]) -> dict[str, ModelRuntime] | None:
@@ -245,7 +262,8 @@ def lineage_fail(p: Prepared, job: Job | None, run_id: str, start: dict | None, 
 
 
 def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: str, started: float,
-           start_event: dict | None = None) -> dict[str, Any]:
+           start_event: dict | None = None, gpu_seconds: dict[str, float] | None = None,
+           calibrations: dict[str, dict] | None = None) -> dict[str, Any]:
     """Merge the shards, write the manifest last, and swap the output into place."""
     cfg = p.loaded.config
     stages = job.stages()
@@ -260,16 +278,16 @@ def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: s
     wall = max(t_last - t_first, 1e-9)
     stage_stats = {}
     for st in stages:
-        agg: dict[str, int] = {}
-        for s in shard_stats:
-            for k, v in s["stages"][st.name].items():
-                agg[k] = agg.get(k, 0) + v
+        agg = total([s["stages"][st.name] for s in shard_stats])
         ran = agg["rows"] - agg["skipped"]
         stage_stats[st.name] = {
             **lineage_meta["stages"][st.name], **agg, "ran": ran, **merged["latency"][st.name],
             "rows_per_s": round(ran / wall, 3),
             "tokens_per_s": round((agg["prompt_tokens"] + agg["completion_tokens"]) / wall, 3),
         }
+        if st.cfg.calibrate is not None:
+            stage_stats[st.name]["calibration"] = (calibrations or {}).get(st.name)
+    cost = run_cost(stage_stats, {n: m.price for n, m in cfg.models.items()}, gpu_seconds or {})
     target = target_uri(cfg.output.uri, cfg.output.partition)
     manifest = {
         **lineage_meta,
@@ -281,6 +299,7 @@ def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: s
         "stages": stage_stats,
         "files": merged["files"],
         "errors": merged["errors"],
+        **({"cost": cost} if cost else {}),
         "timing": {"started": _iso(started), "committed": _iso(time.time()), "wall_s": round(time.time() - started, 3),
                    "processing_s": round(wall, 3)},
     }
@@ -323,7 +342,8 @@ def lineage_summary(p: Prepared, job: Job, run_id: str) -> dict[str, Any]:
     stages = {}
     for st in job.stages():
         stages[st.name] = {
-            "model": st.cfg.model, "output": st.cfg.output, "kind": "embed" if st.embed else (st.cfg.constraint or "text"),
+            **st.strategy.describe(), "model": st.cfg.models_used[0], "models": st.cfg.models_used,
+            "output": st.cfg.output, "kind": "embed" if st.embed else (st.cfg.constraint or "text"),
             "when": st.cfg.when, "prompt_sha256": st.prompt_sha256, "prompt": st.source,
             "system": st.system.source if st.system else None, "params_sha256": st.params_sha256,
             "params": st.cfg.params, "constraint": st.constraint_body(), "reads": sorted(st.reads),

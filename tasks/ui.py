@@ -14,6 +14,8 @@ import re
 from typing import Any
 from uuid import UUID
 
+from modelyard.report import stage_note, stage_rows
+
 log = logging.getLogger("modelyard")
 
 
@@ -77,20 +79,6 @@ def gpu_plan(cfg, plan) -> None:
         log.warning("could not create the GPU plan artifact: %s", e)
 
 
-def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for name, s in manifest["stages"].items():
-        m = manifest["models"][s["model"]]
-        rows.append({
-            "stage": name, "model": m["model"], "revision": m["revision"], "rows": s["rows"], "ran": s["ran"],
-            "skipped": s["skipped"], "errors": s["errors"], "cached": s["cached"],
-            "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
-            "rows_per_s": s["rows_per_s"], "tokens_per_s": s["tokens_per_s"],
-            "latency_ms_p50": s["latency_ms_p50"], "latency_ms_p95": s["latency_ms_p95"],
-        })
-    return rows
-
-
 def summary_markdown(manifest: dict[str, Any]) -> str:
     out = manifest["output"]["uri"]
     lines = [
@@ -109,7 +97,22 @@ def summary_markdown(manifest: dict[str, Any]) -> str:
     ]
     lines += [f"| {n} | `{m['model']}` | `{m['revision']}` | vLLM {m['engine_version']} |"
               for n, m in manifest["models"].items()]
+    notes = [(n, stage_note(s)) for n, s in manifest["stages"].items() if s.get("strategy", "single") != "single"]
+    if notes:
+        lines += ["", "## Cascades, votes and routes", ""] + [f"- **{n}**: {note}" for n, note in notes]
+    cost = manifest.get("cost")
+    if cost:
+        lines += ["", f"## Cost: {cost['total']:.6g}", "", "| stage | cost | per row | all rows on the last tier |",
+                  "|---|---|---|---|"]
+        for n, s in manifest["stages"].items():
+            c = s.get("cost") or {}
+            lines.append(f"| {n} | {_num(c.get('total'))} | {_num(c.get('per_row'))} | {_num(c.get('all_last_tier'))} |")
+        lines += ["", "| model | cost |", "|---|---|"] + [f"| {m} | {_num(c)} |" for m, c in cost["by_model"].items()]
     return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.6g}"
 
 
 def publish_run(manifest: dict[str, Any]) -> None:
@@ -130,7 +133,7 @@ def publish_run(manifest: dict[str, Any]) -> None:
     except Exception as e:
         log.warning("could not create the run's artifacts: %s", e)
     try:
-        for row in stage_rows(manifest):
+        for row in (r for r in stage_rows(manifest) if "[" not in r["stage"]):
             emit_event(event="modelyard.stage.finished",
                        resource={"prefect.resource.id": f"modelyard.stage.{job}.{row['stage']}",
                                  "prefect.resource.name": f"{job}/{row['stage']}"},

@@ -1,4 +1,4 @@
-"""Build modelyard's built-in demo model: a tiny random-weight Llama that vLLM can serve.
+"""Build modelyard's built-in demo models: small random-weight Llamas that vLLM can serve.
 
 Why: tests and demos need a real vLLM server without a GPU or a model hub. Offline, in seconds
 and byte for byte the same each run, this writes a Hugging Face folder holding a byte-level BPE
@@ -10,7 +10,11 @@ strings and endless integers (3/20 parsed). So residual channel 0 is held consta
 lm_head column acts as a logit bias: no control or broken UTF-8 tokens, JSON closers and '"'
 favoured, digits not. The text is gibberish by design; it exercises serving, not quality.
 
-Usage (ENGINE python): python build_tiny_llama.py OUT_DIR. Built in OUT_DIR.tmp-<pid>, then
+`--size small` builds builtin:small-llama, a second model for cascades and votes offline: the
+same tokenizer and recipe, other weights (seed 1) and about four times the parameters (hidden
+512, 3 layers, 8 heads, 2 KV heads, intermediate 1024).
+
+Usage (ENGINE python): python build_tiny_llama.py OUT_DIR [--size tiny|small]. Built in OUT_DIR.tmp-<pid>, then
 renamed, so a crash never leaves a half model. OUT_DIR/modelyard-build.json marks a finished
 build (then it exits 0 at once): {"recipe_version": 1, "revision": R}, R = first 16 hex of
 sha256 over the other files' contents in sorted name order. R is printed last.
@@ -66,15 +70,22 @@ def build_tokenizer(rng):
                                    pad_token="<pad>", model_max_length=4096, chat_template=CHAT_TEMPLATE)
 
 
-def build_model(tokenizer):
+SIZES = {  # hidden, intermediate, layers, attention heads, weight seed
+    "tiny": (256, 512, 2, 4, 0),
+    "small": (512, 1024, 3, 8, 1),
+}
+
+
+def build_model(tokenizer, size="tiny"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    hidden_size, intermediate, layers, heads, seed = SIZES[size]
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2, head_dim=64,
+        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, dtype="bfloat16")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     bias = torch.zeros(config.vocab_size)
     for tid in range(config.vocab_size):
@@ -107,7 +118,7 @@ def revision(folder):
     return h.hexdigest()[:16]
 
 
-def main(out_dir):
+def main(out_dir, size="tiny"):
     out_dir = os.path.abspath(out_dir)
     marker = os.path.join(out_dir, MARKER)
     read_rev = lambda: json.load(open(marker))["revision"]  # noqa: E731
@@ -119,7 +130,7 @@ def main(out_dir):
     try:
         tokenizer = build_tokenizer(random.Random(20240601))
         tokenizer.save_pretrained(tmp)
-        build_model(tokenizer).save_pretrained(tmp, safe_serialization=True)
+        build_model(tokenizer, size).save_pretrained(tmp, safe_serialization=True)
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0600
         rev = revision(tmp)
@@ -137,4 +148,10 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1]) if len(sys.argv) == 2 else sys.exit("usage: python build_tiny_llama.py OUT_DIR")
+    args = sys.argv[1:]
+    if len(args) == 3 and args[1] == "--size" and args[2] in SIZES:
+        main(args[0], args[2])
+    elif len(args) == 1:
+        main(args[0])
+    else:
+        sys.exit("usage: python build_tiny_llama.py OUT_DIR [--size tiny|small]")
