@@ -144,3 +144,17 @@ def kill_vllm(server) -> int:
     pid = vllm_process(server).pid
     os.kill(pid, signal.SIGKILL)
     return pid
+
+
+@pytest.fixture(scope="session")
+def small_server(demo_config):
+    """builtin:small-llama on a real vLLM CPU server, beside the demo's two: a second generative
+    model with other weights, for cascades and votes. Started once, when a test first needs it."""
+    from modelyard.config import ModelConfig
+    from modelyard.serving import REGISTRY
+
+    model = ModelConfig.model_validate({"model": "builtin:small-llama",
+                                        "serve": {"max_model_len": 1024, "max_num_seqs": 64}})
+    server = REGISTRY.acquire("small", model, demo_config.config.engine, demo_config.base_dir)
+    yield server
+    REGISTRY.release(server)
