@@ -11,7 +11,7 @@ import time
 
 from prefect import flow, get_run_logger, runtime
 
-from modelyard import pipeline
+from modelyard import pipeline, telemetry
 from modelyard.models import open_models
 from modelyard.planner import plan_for
 from modelyard.progress import TRACKER
@@ -53,12 +53,14 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
         ui.gpu_plan(cfg, gpu_plan)
         waves = gpu_plan.waves
         TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards) * len(waves))
+        telemetry.begin()
         models: dict = {}
         ids = list(range(len(plan.shards)))
         for k, wave in enumerate(waves):
             names = [cfg.stages[i].name for i in wave.stages]
             last = k == len(waves) - 1
             label = f"wave {k + 1} of {len(waves)} ({', '.join(names)}): " if len(waves) > 1 else ""
+            telemetry.event("wave", wave=k + 1, waves=len(waves), stages=names)
             known = None if last else pipeline.finished_wave(prepared, len(ids), k)
             if known is not None:
                 logger.info("%severy shard finished in an earlier attempt; its servers are not started", label)
@@ -106,6 +108,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                 stats = [hit.get(i) or ran[i] for i in ids]
         manifest = commit_output(prepared, job, plan, stats, run_id, started, start)
     except BaseException as e:
+        telemetry.end()
         pipeline.lineage_fail(prepared, job, run_id, start, e)
         raise
     ui.publish_run(manifest)
