@@ -9,7 +9,7 @@ One process-wide ``RECORDER`` keeps
 
 Memory does not grow with rows or run time: a series holds at most ``MAX_POINTS`` samples; when
 it is full every other sample is dropped and the interval doubles, so a long run keeps evenly
-spaced points over its whole length. Counters are cumulative, so rates between any two kept
+spaced points over its whole length (``MAX_POINTS + 1`` at most). Counters are cumulative, so rates between any two kept
 points stay exact. ``snapshot()`` is what the manifest's ``telemetry`` section holds.
 """
 
@@ -33,17 +33,31 @@ class Series:
         self.max_points, self.interval = max_points, interval
         self.t: list[float] = []
         self.values: dict[tuple, list[float | None]] = {}
+        self.latest: tuple[float, dict] | None = None
 
     def add(self, t: float, values: dict[tuple, float]) -> None:
+        """Keep a sample if it is ``interval`` after the last kept one; else hold it as the newest."""
+        if self.t and t - self.t[-1] < self.interval * 0.99:
+            self.latest = (t, values)
+            return
+        self.latest = None
         for key in values.keys() - self.values.keys():  # a series that appears late: empty before
             self.values[key] = [None] * len(self.t)
         self.t.append(t)
         for key, col in self.values.items():
             col.append(values.get(key))
-        if len(self.t) >= self.max_points:
+        if len(self.t) > self.max_points and len(self.t) % 2:  # odd: every other one keeps first and last
             self.t = self.t[::2]
             self.values = {k: v[::2] for k, v in self.values.items()}
             self.interval *= 2
+
+    def points(self) -> tuple[list[float], dict[tuple, list]]:
+        """The kept samples and, last, the newest one (counters are cumulative: nothing is lost)."""
+        if self.latest is None:
+            return list(self.t), {k: list(v) for k, v in self.values.items()}
+        t, values = self.latest
+        keys = self.values.keys() | values.keys()
+        return [*self.t, t], {k: [*self.values.get(k, [None] * len(self.t)), values.get(k)] for k in keys}
 
 
 class Recorder:
@@ -99,6 +113,7 @@ class Recorder:
             begun = self.started or time.time()
             events = list(self.events)
             series = self.series
+            times, columns = series.points()
             dropped = self.dropped
         early = _still_starting(events, begun)
         t0 = min([begun, *(e["time"] for e in early)])
@@ -106,14 +121,14 @@ class Recorder:
         shift = begun - t0
         stages: dict[str, dict[str, list]] = {}
         in_flight: dict[str, dict[str, Any]] = {}
-        for key, col in series.values.items():
+        for key, col in columns.items():
             if key[0] == "stage":
                 stages.setdefault(key[1], {})[key[2]] = col
             else:
                 in_flight[f"{key[1]} {key[2]}"] = {"model": key[1], "endpoint": key[2], "values": col}
         return {
             "started": t0, "interval_s": series.interval, "max_points": series.max_points,
-            "t": [round(t + shift, 3) for t in series.t],
+            "t": [round(t + shift, 3) for t in times],
             "stages": stages, "in_flight": in_flight,
             "events": [{**{k: v for k, v in e.items() if k != "time"}, "t": round(e["time"] - t0, 3)} for e in kept],
             "events_dropped": dropped,
