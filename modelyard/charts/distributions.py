@@ -106,9 +106,10 @@ def scan(sources: list[Source]) -> dict[str, Any]:
     outputs, latency, confidence = plan(manifest, schema)
     probes = outputs + latency + confidence
     errors = Errors()
-    stages = [n for n in manifest["stages"]
-              if "_lineage" in schema.names and schema.field("_lineage").type.get_field_index(n) >= 0]
-    first = sorted({p.path for p in probes} | {f"_lineage.{n}.error" for n in stages} | {"_row_key"})
+    stages = [n for n in manifest["stages"]  # stages with errors somewhere (a manifest says how many)
+              if "_lineage" in schema.names and schema.field("_lineage").type.get_field_index(n) >= 0
+              and any(s.manifest["stages"].get(n, {}).get("errors", 1) for s in sources)]
+    first = sorted({p.path for p in probes} | {f"_lineage.{n}.error" for n in stages} | ({"_row_key"} if stages else set()))
     for src in sources:
         for batch in _batches(src, first):
             for p in probes:
