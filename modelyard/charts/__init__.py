@@ -106,7 +106,7 @@ def _join(uri: str, rel: str) -> str:
     return uri.rstrip("/") + "/" + rel
 
 
-def default_path(outputs: list[str], sources: list[Source]) -> str:
+def default_path(outputs: list[str]) -> str:
     """Where `modelyard report` writes: _report.html in the one folder named, else in the current folder."""
     if len(outputs) == 1:
         return _join(outputs[0], REPORT)
@@ -115,7 +115,7 @@ def default_path(outputs: list[str], sources: list[Source]) -> str:
 
 def write(outputs: list[str], path: str | None = None, partitions: bool = False) -> tuple[str, list[Source]]:
     sources = sources_for(outputs, partitions)
-    target = path or default_path(outputs, sources)
+    target = path or default_path(outputs)
     from modelyard.staging import write_bytes_atomic
 
     fs, p = url_to_fs(target)

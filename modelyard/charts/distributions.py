@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from modelyard.charts.scan import Counts, Errors, Hist, Source, _batches, _numbers, get, norms, part_schema
+from modelyard.charts.scan import Counts, Errors, Hist, Source, batches, get, norms, numbers, part_schema
 
 
 @dataclass
@@ -32,10 +32,10 @@ class Probe:
         if self.what in ("length", "string"):
             if pa.types.is_dictionary(arr.type):
                 arr = arr.cast(arr.type.value_type)
-            return _numbers(pc.utf8_length(arr))
+            return numbers(pc.utf8_length(arr))
         if self.what == "items":
-            return _numbers(pc.list_value_length(arr))
-        return _numbers(arr)
+            return numbers(pc.list_value_length(arr))
+        return numbers(arr)
 
     def first(self, group: str, arr: pa.Array) -> None:
         if self.counts is not None:
@@ -111,7 +111,7 @@ def scan(sources: list[Source]) -> dict[str, Any]:
               and any(s.manifest["stages"].get(n, {}).get("errors", 1) for s in sources)]
     first = sorted({p.path for p in probes} | {f"_lineage.{n}.error" for n in stages} | ({"_row_key"} if stages else set()))
     for src in sources:
-        for batch in _batches(src, first):
+        for batch in batches(src, first):
             for p in probes:
                 p.first(src.label, get(batch, p.path))
             for n in stages:
@@ -119,7 +119,7 @@ def scan(sources: list[Source]) -> dict[str, Any]:
     binned = [p for p in probes if p.binned]
     if binned:
         for src in sources:
-            for batch in _batches(src, sorted({p.path for p in binned})):
+            for batch in batches(src, sorted({p.path for p in binned})):
                 for p in binned:
                     p.second(src.label, get(batch, p.path))
     return {"outputs": [p.result(groups) for p in outputs],

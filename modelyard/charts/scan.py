@@ -148,7 +148,7 @@ class Source:
         return [posixpath.join(self.folder, f["path"]) for f in self.manifest["files"]]
 
 
-def _batches(src: Source, columns: list[str]):
+def batches(src: Source, columns: list[str]):
     for path in src.parts():
         with src.fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
@@ -164,7 +164,7 @@ def part_schema(src: Source) -> pa.Schema | None:
     return None
 
 
-def _numbers(arr: pa.Array) -> np.ndarray:
+def numbers(arr: pa.Array) -> np.ndarray:
     return arr.drop_null().cast(pa.float64()).to_numpy(zero_copy_only=False)
 
 
