@@ -181,5 +181,7 @@ def _bars(ax, panel: dict) -> None:
     else:
         ax.set_xticks(pos, [c[:18] for c in cats], fontsize=7, rotation=20 if len(cats) > 3 else 0)
         ax.set_ylabel(panel.get("ylabel", ""), fontsize=8)
-    if len(series) > 1 or panel.get("stacked"):
+    if panel.get("stacked"):  # below the axes: stacked bars fill them
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=min(6, len(series)))
+    elif len(series) > 1:
         ax.legend(fontsize=7)

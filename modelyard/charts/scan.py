@@ -57,9 +57,14 @@ class Hist:
             if not np.isfinite(lo):
                 lo, hi = 0.0, 1.0
             if self.integer and hi - lo <= 40:
-                self._edges = np.arange(np.floor(lo) - 0.5, np.floor(hi) + 1.5, 1.0)
+                lo, hi = np.floor(lo), np.floor(hi)
+                mid = (lo + hi) // 2  # a few values: at least 5 bins, the values in the middle
+                self._edges = np.arange(min(lo, mid - 2) - 0.5, max(hi, mid + 2) + 1.5, 1.0)
             else:
-                self._edges = np.linspace(lo, hi if hi > lo else lo + 1.0, BINS + 1)
+                if hi - lo <= 1e-4 * max(abs(lo), abs(hi)) or hi == lo:  # (nearly) one value: e.g.
+                    mid, half = (lo + hi) / 2, max(0.05 * abs(lo + hi) / 2, 1e-6)  # normalised embeddings
+                    lo, hi = mid - half, mid + half
+                self._edges = np.linspace(lo, hi, BINS + 1)
         return self._edges
 
     def add(self, group: str, values: np.ndarray) -> None:
