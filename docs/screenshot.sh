@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 port=${PORT:-4299}
 home=$(mktemp -d)
 export PREFECT_HOME=$home PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_API_URL=http://127.0.0.1:$port/api
+export MODELYARD_CACHE=$home/cache.sqlite  # an empty request cache: the models answer every row
 .venv/bin/prefect server start --host 127.0.0.1 --port "$port" > "$home/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT

@@ -128,3 +128,17 @@ def test_error_reasons_group_messages_that_differ_only_in_numbers(message, expec
     from modelyard.charts.scan import reason
 
     assert reason(message) == expected
+
+
+@pytest.mark.parametrize("values,integer", [([1.0] * 5 + [1.0 + 1e-7], False), ([0.0] * 4, False), ([24] * 3, True)])
+def test_a_histogram_of_about_one_value_has_a_readable_range(values, integer):
+    import numpy as np
+
+    from modelyard.charts.scan import Hist
+
+    h = Hist(integer=integer)
+    h.observe(np.array(values, float))
+    h.add("g", np.array(values, float))
+    edges, counts = h.edges(), h.result(["g"])["counts"]["g"]
+    assert edges[-1] - edges[0] >= 0.09 * max(1.0, abs(values[0])) and len(edges) >= 6
+    assert sorted(counts)[-1] == len(values) and 0 < counts.index(len(values)) < len(counts) - 1  # one bar, inside
