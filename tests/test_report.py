@@ -142,3 +142,13 @@ def test_a_histogram_of_about_one_value_has_a_readable_range(values, integer):
     edges, counts = h.edges(), h.result(["g"])["counts"]["g"]
     assert edges[-1] - edges[0] >= 0.09 * max(1.0, abs(values[0])) and len(edges) >= 6
     assert sorted(counts)[-1] == len(values) and 0 < counts.index(len(values)) < len(counts) - 1  # one bar, inside
+
+
+def test_a_report_that_cannot_be_drawn_only_warns(tmp_path, caplog):
+    out = tmp_path / "out"
+    manifest = make_output(out, rows=20)
+    (out / "part-00000.parquet").write_bytes(b"not parquet")  # the parts went missing or bad after the commit
+    with caplog.at_level("WARNING", logger="modelyard"):
+        charts.write_report(str(out), manifest)
+    assert not (out / "_report.html").exists()
+    assert "could not draw _report.html" in caplog.text
