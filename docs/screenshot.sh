@@ -3,16 +3,22 @@
 #   docs/report.png               the demo's _report.html (configs/demo.yaml run against the server)
 #   docs/prefect-ui-report.png    the same charts as the demo run's `demo-tickets-report` artifact in the UI
 #   docs/prefect-ui-artifacts.png one partition of configs/daily.yaml, its run page with the artifacts
-# Starts vLLM servers (a few minutes on a CPU): run it alone on the machine.
+# Starts vLLM servers (a few minutes on a CPU): run it alone on the machine. It runs in a copy of the
+# committed tree in a temporary folder, so that the pictures show no path of your checkout.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)
 port=${PORT:-4299}
 home=$(mktemp -d)
+mkdir "$home/modelyard"
+git -C "$root" archive HEAD | tar -x -C "$home/modelyard"
+cd "$home/modelyard"
+ln -s "$root/.venv" .venv
+ln -s "$root/.venv-engine" .venv-engine
 export PREFECT_HOME=$home PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_API_URL=http://127.0.0.1:$port/api
 export MODELYARD_CACHE=$home/cache.sqlite  # an empty request cache: the models answer every row
 .venv/bin/prefect server start --host 127.0.0.1 --port "$port" > "$home/server.log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
+trap 'kill $server 2>/dev/null || true; rm -rf "$home"' EXIT
 until curl -sf "http://127.0.0.1:$port/api/health" > /dev/null; do sleep 1; done
 export PREFECT_API_URL=http://127.0.0.1:$port/api
 
@@ -24,7 +30,7 @@ shot() {  # shot URL PNG WIDTH HEIGHT
 }
 
 .venv/bin/modelyard run configs/demo.yaml
-shot "file://$PWD/out/demo-tickets/_report.html" docs/report.png 1100 2700
+shot "file://$PWD/out/demo-tickets/_report.html" "$root/docs/report.png" 1100 2700
 report=$(.venv/bin/python - <<'PY'
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -33,7 +39,7 @@ with get_client(sync_client=True) as c:
     print(arts[0].id)
 PY
 )
-shot "http://127.0.0.1:$port/artifacts/artifact/$report" docs/prefect-ui-report.png 1400 2200
+shot "http://127.0.0.1:$port/artifacts/artifact/$report" "$root/docs/prefect-ui-report.png" 1400 2200
 
 .venv/bin/modelyard backfill configs/daily.yaml --start 2026-11-26 --end 2026-11-26 --force
 run=$(.venv/bin/python - <<'PY'
@@ -43,4 +49,4 @@ with get_client(sync_client=True) as c:
     print(runs[0].id)
 PY
 )
-shot "http://127.0.0.1:$port/runs/flow-run/$run?tab=Artifacts" docs/prefect-ui-artifacts.png 1500 1300
+shot "http://127.0.0.1:$port/runs/flow-run/$run?tab=Artifacts" "$root/docs/prefect-ui-artifacts.png" 1500 1300
