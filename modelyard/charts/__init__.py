@@ -30,8 +30,10 @@ def render(sources: list[Source]) -> tuple[str, dict[str, Any], dict[str, bytes]
     report = build(sources)
     images = {c["id"]: png(c) for c in report["charts"]}
     job = sources[0].manifest["job"]
-    title = (f"{job}: {sources[0].label}" if len(sources) == 1 and sources[0].label != job else job) \
-        if len(sources) == 1 else f"{job}: {len(sources)} partitions side by side"
+    if len(sources) > 1:
+        title = f"{job}: {len(sources)} partitions side by side"
+    else:
+        title = job if sources[0].label == job else f"{job}: {sources[0].label}"
     return title, report, images
 
 

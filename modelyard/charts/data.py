@@ -149,8 +149,7 @@ def build(sources: list[Source]) -> dict[str, Any]:
         charts.append(in_flight(sources[0]))
     charts += [latency(sources, dist), *outputs(dist), *together(sources), cost(sources), errors(dist),
                shares(sources)]
-    return {"runs": [run_facts(s) for s in sources], "charts": [c for c in charts if c],
-            "distributions": dist}
+    return {"runs": [run_facts(s) for s in sources], "charts": [c for c in charts if c]}
 
 
 def run_facts(src: Source) -> dict[str, Any]:
