@@ -7,7 +7,7 @@ ENGINE := .venv-engine
 ENGINE_REQUIREMENTS ?= engine/requirements.txt
 ENGINE_CONSTRAINTS ?= engine/constraints-cpu.txt
 
-.PHONY: setup orchestrator engine demo test unit bench bench-throughput bench-memory bench-overlap clean
+.PHONY: setup orchestrator engine browser demo test unit bench bench-throughput bench-memory bench-overlap clean
 
 setup: orchestrator engine
 
@@ -34,10 +34,14 @@ demo: setup
 	$(VENV)/bin/modelyard inspect out/demo-tickets/
 	$(VENV)/bin/modelyard inspect out/demo-tickets/ --row T00002
 
-test: setup
+# Debian's chromium: the report tests open _report.html (and the Prefect UI) in it, headless
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: setup browser
 	$(VENV)/bin/python -m pytest -q -ra
 
-unit: orchestrator
+unit: orchestrator browser
 	$(VENV)/bin/python -m pytest -q -m "not engine"
 
 bench: bench-throughput bench-memory bench-overlap

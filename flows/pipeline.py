@@ -11,7 +11,7 @@ import time
 
 from prefect import flow, get_run_logger, runtime
 
-from modelyard import pipeline
+from modelyard import pipeline, telemetry
 from modelyard.cost import wave_gpu_seconds
 from modelyard.models import open_models
 from modelyard.planner import plan_for
@@ -54,6 +54,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
         ui.gpu_plan(cfg, gpu_plan)
         waves = gpu_plan.waves
         TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards) * len(waves))
+        telemetry.begin()
         models: dict = {}
         calibrations: dict = {}  # cascade stage -> its fitted thresholds
         gpu_seconds: dict = {}  # managed model -> devices x seconds its servers were up
@@ -62,6 +63,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
             names = [cfg.stages[i].name for i in wave.stages]
             last = k == len(waves) - 1
             label = f"wave {k + 1} of {len(waves)} ({', '.join(names)}): " if len(waves) > 1 else ""
+            telemetry.event("wave", wave=k + 1, waves=len(waves), stages=names)
             known = None if last else pipeline.finished_wave(prepared, len(ids), k)
             if known is not None:
                 logger.info("%severy shard finished in an earlier attempt; its servers are not started", label)
@@ -119,6 +121,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                 gpu_seconds[m] = gpu_seconds.get(m, 0.0) + sec
         manifest = commit_output(prepared, job, plan, stats, run_id, started, start, gpu_seconds, calibrations)
     except BaseException as e:
+        telemetry.end()
         pipeline.lineage_fail(prepared, job, run_id, start, e)
         raise
     ui.publish_run(manifest)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from modelyard import telemetry
 from modelyard.client import ENDPOINT_STATE
 from modelyard.config import EngineConfig, ModelConfig
 from modelyard.errors import EngineError
@@ -168,6 +169,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
         fh.close()
+        telemetry.event("server-start", model=self.served_name, port=self.port)
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -183,7 +185,7 @@ class Server:
                                   f"while starting. Last lines of {self.log_path}:\n{self.tail()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
+                    return telemetry.event("server-healthy", model=self.served_name, port=self.port)
             except httpx.TransportError:
                 pass
             time.sleep(0.25)  # a refused connection costs nothing; the run starts as soon as it can
@@ -203,6 +205,7 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        telemetry.event("server-stop", model=self.served_name, port=self.port)
         log.info("stopped vLLM for %s on port %d", self.served_name, self.port)
 
 

@@ -72,7 +72,7 @@ def prefect_server(tmp_path_factory):
         port = s.getsockname()[1]
     home = tmp_path_factory.mktemp("prefect-server-home")
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "true"}
+           "PREFECT_UI_ENABLED": "true", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "wb")  # noqa: SIM115
     exe = Path(sys.executable).with_name("prefect")

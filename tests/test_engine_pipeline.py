@@ -214,3 +214,22 @@ output: {{uri: "{tmp_path / 'out'}"}}
     assert len(errs) == 40 and {e["stage"] for e in errs} == {"b"}
     assert all(f"cannot connect to {dead}" in e["error"] and e["attempts"] == 2 for e in errs)
     assert manifest["stages"]["b"]["errors"] == 40 and manifest["stages"]["a"]["errors"] == 0
+
+
+def test_demo_report_opens_offline_with_every_chart_drawn(demo_run, tmp_path):
+    """_report.html of the demo: every chart drawn in headless Chromium, its numbers those of the
+    manifest and the parts; the time series sampled during the run agree with the manifest."""
+    from tests.browser import rendered, screenshot
+    from tests.report_checks import check_report
+
+    manifest, out, _ = demo_run
+    page = out / "_report.html"
+    assert page.stat().st_size < 2_000_000
+    _, data = rendered(page)
+    ids = {c["id"] for c in data["charts"]}
+    assert {"throughput", "in-flight", "latency", "output-classify", "output-extract", "output-embed", "shares"} <= ids
+    assert check_report(data, {"demo-tickets": out}) == ids
+    tel = manifest["telemetry"]
+    assert len(tel["t"]) > 3 and max(v or 0 for s in tel["in_flight"].values() for v in s["values"]) > 0
+    assert {s["model"] for s in tel["in_flight"].values()} == {"tiny", "embedder"}
+    screenshot(page.resolve().as_uri(), tmp_path / "demo-report.png")
