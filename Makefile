@@ -7,7 +7,7 @@ ENGINE := .venv-engine
 ENGINE_REQUIREMENTS ?= engine/requirements.txt
 ENGINE_CONSTRAINTS ?= engine/constraints-cpu.txt
 
-.PHONY: setup orchestrator engine browser demo test unit bench bench-throughput bench-memory bench-overlap clean
+.PHONY: setup orchestrator engine browser demo test unit bench bench-throughput bench-memory bench-overlap bench-cascade clean
 
 setup: orchestrator engine
 
@@ -44,7 +44,7 @@ test: setup browser
 unit: orchestrator browser
 	$(VENV)/bin/python -m pytest -q -m "not engine"
 
-bench: bench-throughput bench-memory bench-overlap
+bench: bench-throughput bench-memory bench-overlap bench-cascade
 
 bench-throughput: setup
 	$(VENV)/bin/python benchmarks/throughput.py $(ARGS)
@@ -54,6 +54,9 @@ bench-memory: setup
 
 bench-overlap: setup
 	$(VENV)/bin/python benchmarks/overlap.py $(ARGS)
+
+bench-cascade: setup
+	$(VENV)/bin/python benchmarks/cascade.py $(ARGS)
 
 clean:
 	rm -rf out/ .pytest_cache

@@ -135,7 +135,7 @@ def publish_run(manifest: dict[str, Any]) -> None:
         log.warning("could not create the run's artifacts: %s", e)
     report_artifact(manifest)
     try:
-        for row in (r for r in stage_rows(manifest) if "[" not in r["stage"]):
+        for row in (r for r in stage_rows(manifest) if r["level"] == "stage"):
             emit_event(event="modelyard.stage.finished",
                        resource={"prefect.resource.id": f"modelyard.stage.{job}.{row['stage']}",
                                  "prefect.resource.name": f"{job}/{row['stage']}"},

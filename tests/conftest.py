@@ -37,7 +37,7 @@ def demo_config():
 
 @pytest.fixture(scope="session")
 def servers(demo_config):
-    """The demo's two models on real vLLM CPU servers, started side by side through modelyard's
+    """The demo's three models on real vLLM CPU servers, started side by side through modelyard's
     own managed-server code; runs of the demo config in this process reuse them."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -147,14 +147,7 @@ def kill_vllm(server) -> int:
 
 
 @pytest.fixture(scope="session")
-def small_server(demo_config):
-    """builtin:small-llama on a real vLLM CPU server, beside the demo's two: a second generative
-    model with other weights, for cascades and votes. Started once, when a test first needs it."""
-    from modelyard.config import ModelConfig
-    from modelyard.serving import REGISTRY
-
-    model = ModelConfig.model_validate({"model": "builtin:small-llama",
-                                        "serve": {"max_model_len": 1024, "max_num_seqs": 64}})
-    server = REGISTRY.acquire("small", model, demo_config.config.engine, demo_config.base_dir)
-    yield server
-    REGISTRY.release(server)
+def small_server(servers):
+    """builtin:small-llama, the demo's second generative model (other weights, about four times
+    the parameters), for cascades and votes."""
+    return servers["small"]

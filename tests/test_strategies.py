@@ -239,6 +239,9 @@ def test_counts_of_shards_add_up_field_by_field():
     assert total([a, b]) == {"rows": 5, "tiers": [{"model": "a", "asked": 5, "reasons": {"invalid": 1}}],
                              "agreement": {"1.00": 2, "0.67": 1}}
     assert add(None, {"x": 1}) == {"x": 1}
+    routes = [{"rule": 0, "when": "x", "model": "a", "rows": 2}, {"rule": 1, "when": None, "model": "b", "rows": 1}]
+    assert total([{"routes": routes}] * 3) == {"routes": [{"rule": 0, "when": "x", "model": "a", "rows": 6},
+                                                          {"rule": 1, "when": None, "model": "b", "rows": 3}]}
 
 
 # --- what validate says -----------------------------------------------------------------------------
