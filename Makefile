@@ -42,7 +42,7 @@ demo: setup
 test: setup instant-endpoint
 	$(VENV)/bin/python -m pytest -q -ra
 
-unit: orchestrator
+unit: orchestrator instant-endpoint
 	$(VENV)/bin/python -m pytest -q -m "not engine"
 
 bench: bench-throughput bench-memory bench-overlap bench-orchestrator

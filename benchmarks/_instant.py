@@ -6,10 +6,15 @@ loopback port with a config written to a temporary folder, and stops it on exit:
 
 - ``POST /v1/chat/completions`` and ``/v1/completions``: one fixed reply (a valid answer of the
   ``choice`` list ``CHOICES``, ``finish_reason: stop``, usage), from nginx's ``return 200``;
-- ``POST /v1/embeddings``: as many vectors as inputs (``input`` a string or a list), written by
-  a small script in nginx's own JavaScript module (``libnginx-mod-http-js``), usage as vLLM
-  gives it (one total for the request: here 1 token per 4 characters, at least 1 per input);
-- ``GET /v1/models`` (both served names), ``GET /version``, ``GET /health``.
+- ``POST /v1/embeddings``: as many vectors as inputs (``input`` a string or a list), as float
+  lists or, with ``encoding_format: base64``, as base64 of little-endian float32 (the same
+  values), written by a small script in nginx's own JavaScript module (``libnginx-mod-http-js``);
+  usage as vLLM gives it (one total for the request: here 1 token per 4 characters, at least 1
+  per input);
+- ``GET /v1/models`` (both served names), ``GET /version``, ``GET /health``;
+- under the base URLs ``/status503/v1``, ``/status400/v1``, ``/notjson/v1``: replicas that always
+  answer 503, 400 (an error body as vLLM's) or a body that is not JSON; ``/headers/v1`` answers
+  the request's Authorization and Content-Type headers (for the client's tests).
 
 One nginx worker process: on 2 cores the orchestrator gets the other. Nothing is logged per
 request. The served names are ``CHAT`` and ``EMBED``; vectors have ``dimensions`` floats.
@@ -30,6 +35,7 @@ CHOICES = ["billing", "bug", "feature", "other"]
 JS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
 DEBIAN_PACKAGES = "nginx-light libnginx-mod-http-js"
 
+REFUSAL = "the request is not valid"
 CHAT_REPLY = {"id": "chatcmpl-instant", "object": "chat.completion", "created": 0, "model": CHAT,
               "choices": [{"index": 0, "message": {"role": "assistant", "content": "bug"}, "logprobs": None,
                            "finish_reason": "stop", "stop_reason": None}],
@@ -41,9 +47,14 @@ COMPLETION_REPLY = {"id": "cmpl-instant", "object": "text_completion", "created"
 EMBED_JS = """
 // The vector is built once (when nginx loads the script); each request only repeats it.
 var DIM = %(dim)d;
+// float32 values, as vLLM's are; as text each is the shortest form of its double value, as
+// vLLM's (Python's) are, so replies have the size and parsing cost of vLLM's.
+var f32 = new Float32Array(DIM);
+for (var i = 0; i < DIM; i++) { f32[i] = (((i * 7919) %% 2000) - 1000) / 31622.7766; }
 var parts = [];
-for (var i = 0; i < DIM; i++) { parts.push(((((i * 7919) %% 2000) - 1000) / 31622.7766).toFixed(9)); }
+for (var k = 0; k < DIM; k++) { parts.push(String(f32[k])); }
 var VEC = '[' + parts.join(',') + ']';
+var VEC64 = '"' + Buffer.from(f32.buffer).toString('base64') + '"';
 
 function embeddings(r) {
     var body;
@@ -52,11 +63,12 @@ function embeddings(r) {
         return;
     }
     var inputs = Array.isArray(body.input) ? body.input : [body.input];
+    var vec = body.encoding_format === 'base64' ? VEC64 : VEC;
     var out = [];
     var tokens = 0;
     for (var j = 0; j < inputs.length; j++) {
         tokens += Math.max(1, Math.ceil(String(inputs[j]).length / 4));
-        out.push('{"index":' + j + ',"object":"embedding","embedding":' + VEC + '}');
+        out.push('{"index":' + j + ',"object":"embedding","embedding":' + vec + '}');
     }
     r.headersOut['Content-Type'] = 'application/json';
     r.return(200, '{"id":"embd-instant","object":"list","created":0,"model":"%(model)s","data":[' + out.join(',')
@@ -93,6 +105,11 @@ http {
         location = /v1/chat/completions { return 200 '%(chat)s'; }
         location = /v1/completions { return 200 '%(completion)s'; }
         location = /v1/embeddings { js_content embed.embeddings; }
+        # replicas that misbehave, for the client's tests: base URLs http://127.0.0.1:PORT/<name>/v1
+        location /status503/ { return 503 '{"error":{"message":"busy","type":"ServiceUnavailable","code":503}}'; }
+        location /status400/ { return 400 '{"error":{"message":"refused: %(refusal)s","type":"BadRequestError","code":400}}'; }
+        location /notjson/ { return 200 'this is not JSON'; }
+        location /headers/ { return 200 '{"authorization":"$http_authorization","content_type":"$content_type"}'; }
     }
 }
 """
@@ -133,7 +150,7 @@ def instant_endpoint(work: Path, dimensions: int = 384):
     conf = prefix / "nginx.conf"
     conf.write_text(NGINX_CONF % {"js_module": JS_MODULE, "prefix": prefix, "port": port,
                                   "models": _nginx_json(models), "chat": _nginx_json(CHAT_REPLY),
-                                  "completion": _nginx_json(COMPLETION_REPLY)})
+                                  "completion": _nginx_json(COMPLETION_REPLY), "refusal": REFUSAL})
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     proc = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
                             stdout=subprocess.DEVNULL, stderr=open(prefix / "stderr.log", "wb"),  # noqa: SIM115
