@@ -86,8 +86,12 @@ def config(path: Path, kind: str, data: Path, out: Path, url: str, in_flight: in
 
 # -- the bare client --------------------------------------------------------------------------
 
-async def _bare(url: str, path: str, bodies: list[dict], concurrency: int) -> float:
-    """Fixed-concurrency workers over the bodies; returns the wall time. Any error stops it."""
+async def _bare(url: str, path: str, bodies: list[dict], concurrency: int, decode: bool = False) -> float:
+    """Fixed-concurrency workers over the bodies; returns the wall time. Any error stops it.
+    ``decode``: turn base64 vectors into float lists, as a client that uses them must."""
+    import array
+    import base64
+
     import aiohttp
 
     it = iter(bodies)
@@ -97,15 +101,19 @@ async def _bare(url: str, path: str, bodies: list[dict], concurrency: int) -> fl
             for body in it:
                 async with session.post(url + path, json=body) as r:
                     r.raise_for_status()
-                    await r.json()
+                    reply = await r.json()
+                if decode:
+                    for d in reply["data"]:
+                        array.array("f", base64.b64decode(d["embedding"])).tolist()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - t0
 
 
-def bare(url: str, kind: str, n: int, concurrency: int, per_request: int = 1) -> dict:
-    """``n`` rows through the bare client; rows/s and requests/s."""
+def bare(url: str, kind: str, n: int, concurrency: int, per_request: int = 1, encoding: str | None = None) -> dict:
+    """``n`` rows through the bare client; rows/s and requests/s. Embeddings: ``per_request``
+    inputs per request, as float lists or (``encoding="base64"``) base64, decoded to floats."""
     rows = texts(n, start=10_000_000)
     if kind == "chat":
         path = "/chat/completions"
@@ -114,8 +122,9 @@ def bare(url: str, kind: str, n: int, concurrency: int, per_request: int = 1) ->
     else:
         path = "/embeddings"
         groups = [rows[i:i + per_request] for i in range(0, n, per_request)]
-        bodies = [{"model": I.EMBED, "input": g if per_request > 1 else g[0]} for g in groups]
-    wall = asyncio.run(_bare(url, path, bodies, concurrency))
+        bodies = [{"model": I.EMBED, "input": g if per_request > 1 else g[0],
+                   **({"encoding_format": encoding} if encoding else {})} for g in groups]
+    wall = asyncio.run(_bare(url, path, bodies, concurrency, decode=encoding == "base64"))
     return {"rows": n, "wall": wall, "rows_s": n / wall, "req_s": len(bodies) / wall}
 
 
@@ -179,10 +188,11 @@ def main() -> int:
             print(f"the bare client reached {first[best_c]['req_s']:.0f} req/s, under --min-bare {min_bare:.0f}: "
                   f"the machine is too busy to measure the orchestrator (uptime: load {load()})")
             return 1
-        for per in (1, 32):
-            r = bare(url, "embed", bare_n, best_c, per)
-            rows.append({"system": f"bare aiohttp embed c={best_c}, {per}/request", **r})
-            C.log(f"bare embed {per}/request: {r['rows_s']:.0f} rows/s")
+        for per, enc in ((1, None), (32, None), (32, "base64")):
+            r = bare(url, "embed", bare_n, best_c, per, enc)
+            what = f"{per}/request" + (f" {enc}" if enc else "")
+            rows.append({"system": f"bare aiohttp embed c={best_c}, {what}", **r})
+            C.log(f"bare embed {what}: {r['rows_s']:.0f} rows/s")
         in_flight = a.in_flight or best_c
         # untimed warm-up: Prefect's ephemeral API, imports, the first flow run's one-off costs
         warm = write_input(work / "warm.parquet", 2_000, start=20_000_000)
