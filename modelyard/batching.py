@@ -8,9 +8,9 @@ and gets a ``Reply`` shaped exactly like the reply of a one-input ``/v1/embeddin
 own vector in ``data[0]``, its own ``usage``. Behind it, one ``Batcher`` per pool and batch size
 gathers the inputs of many rows into requests of ``batch_size`` inputs, sent through the same
 pool and ``post`` (so the bound on requests in flight, retries and replicas are those of every
-request). A batch leaves when it is full, or ``linger`` seconds after its first input came (rows
-that start together arrive within one turn of the event loop; a short linger also catches rows
-that finish an earlier stage a moment apart).
+request). A batch leaves when it is full, or ``linger`` seconds (default 5 ms) after its first
+input came: rows that start together arrive within one turn of the event loop, and a short
+linger also catches rows that finish an earlier stage a moment apart.
 
 The batches ask for ``encoding_format: base64`` (float32, as the OpenAI API defines it) and
 hand each row the float list decoded from it: the same values as a ``float`` reply, without
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import array
 import asyncio
-import base64
+import binascii
 import json
 import sys
 import weakref
@@ -48,7 +48,11 @@ import aiohttp
 from modelyard.client import Pool, Reply, RequestFailed, post
 
 DEFAULT_BATCH_SIZE = 32
-LINGER = 0.002  # seconds; see benchmarks/README.md for the measurement
+# Seconds a batch that is not full waits for more rows. Measured (benchmarks/README.md): with
+# the rows of one stage arriving together batches are full at once, whatever the linger; behind
+# a chat stage answering 1,000-2,000 rows/s, 0-2 ms gave 12-15 inputs per request, 5 ms 18-22,
+# 20 ms 31. 5 ms keeps what a shard's last batch waits negligible.
+LINGER = 0.005
 TRUNCATE = "truncate_prompt_tokens"
 
 
@@ -73,8 +77,8 @@ class Batcher:
     pool: Pool
     batch_size: int = DEFAULT_BATCH_SIZE
     linger: float = LINGER
-    _open: dict[str, list[_Row]] = field(default_factory=dict)
-    _timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    _open: dict[Any, list[_Row]] = field(default_factory=dict)
+    _timers: dict[Any, asyncio.TimerHandle] = field(default_factory=dict)
     _sending: set = field(default_factory=set)
 
     def submit(self, client: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> asyncio.Future:
@@ -83,7 +87,7 @@ class Batcher:
         if isinstance(body.get("input"), list):
             raise ValueError("embed() takes one input per row; send lists with client.post")
         opts = {k: v for k, v in body.items() if k not in ("input", TRUNCATE)}
-        group = json.dumps([path, opts], sort_keys=True)
+        group = _group(path, opts)
         row = _Row(body["input"], body, loop.create_future())
         rows = self._open.setdefault(group, [])
         rows.append(row)
@@ -93,7 +97,7 @@ class Batcher:
             self._timers[group] = loop.call_later(self.linger, self._flush, client, path, opts, group)
         return row.future
 
-    def _flush(self, client: aiohttp.ClientSession, path: str, opts: dict, group: str) -> None:
+    def _flush(self, client: aiohttp.ClientSession, path: str, opts: dict, group: Any) -> None:
         timer = self._timers.pop(group, None)
         if timer is not None:
             timer.cancel()
@@ -146,9 +150,9 @@ class Batcher:
                 _fail(r, RequestFailed(f"{reply.endpoint}{path}: {e}", r.attempts, None))
             return
         tokens = _split_tokens(reply.body.get("usage") or {}, [r.text for r in rows])
-        for r, item, n in zip(rows, vectors, tokens):
+        for r, body in zip(rows, _row_replies(reply.body, vectors, tokens)):
             if not r.future.done():
-                r.future.set_result(Reply(_row_reply(reply.body, item, n), r.latency_ms, r.attempts, reply.endpoint))
+                r.future.set_result(Reply(body, r.latency_ms, r.attempts, reply.endpoint))
 
     async def _truncated(self, client: aiohttp.ClientSession, path: str, opts: dict, row: _Row,
                          refusal: RequestFailed) -> None:
@@ -168,9 +172,19 @@ class Batcher:
             _fail(row, RequestFailed(f"{reply.endpoint}{path}: {e}", row.attempts, None))
             return
         usage = reply.body.get("usage") or {}
-        body = _row_reply(reply.body, {**item, "finish_reason": "length"}, usage.get("prompt_tokens"))
+        (body,) = _row_replies(reply.body, [{**item, "finish_reason": "length"}], [usage.get("prompt_tokens")])
         if not row.future.done():
             row.future.set_result(Reply(body, row.latency_ms, row.attempts, reply.endpoint))
+
+
+def _group(path: str, opts: dict[str, Any]) -> Any:
+    """Rows whose requests differ only in their input share batches: the key of the rest."""
+    try:
+        key = (path, *sorted(opts.items()))
+        hash(key)
+        return key
+    except TypeError:  # a value that is a list or a mapping
+        return json.dumps([path, opts], sort_keys=True)
 
 
 def _fail(row: _Row, e: RequestFailed) -> None:
@@ -184,10 +198,11 @@ def _vectors(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
     if not isinstance(data, list) or len(data) != n:
         got = len(data) if isinstance(data, list) else "no"
         raise ValueError(f"answered {got} embeddings for {n} inputs")
-    items = sorted(data, key=lambda d: d.get("index", 0)) if n > 1 else data
-    if n > 1 and [d.get("index") for d in items] != list(range(n)):
-        raise ValueError(f"embedding indices {[d.get('index') for d in items][:8]}... are not 0..{n - 1}")
-    return [{**d, "embedding": _floats(d.get("embedding"))} for d in items]
+    if n > 1 and any(d.get("index") != i for i, d in enumerate(data)):
+        data = sorted(data, key=lambda d: d.get("index", 0))
+        if [d.get("index") for d in data] != list(range(n)):
+            raise ValueError(f"embedding indices {[d.get('index') for d in data][:8]}... are not 0..{n - 1}")
+    return [{**d, "index": 0, "embedding": _floats(d.get("embedding"))} for d in data]
 
 
 def _floats(vec: Any) -> list[float]:
@@ -198,7 +213,7 @@ def _floats(vec: Any) -> list[float]:
     if not isinstance(vec, str):
         raise ValueError(f"an embedding is {type(vec).__name__}, not a list or base64")
     a = array.array("f")
-    a.frombytes(base64.b64decode(vec))
+    a.frombytes(binascii.a2b_base64(vec))
     if sys.byteorder == "big":
         a.byteswap()
     return a.tolist()
@@ -218,15 +233,17 @@ def _split_tokens(usage: dict[str, Any], texts: list[Any]) -> list[int | None]:
     return out
 
 
-def _row_reply(body: dict[str, Any], item: dict[str, Any], tokens: int | None) -> dict[str, Any]:
-    """A one-input reply: the request's fields, one data item (index 0), the row's usage."""
-    usage = dict(body.get("usage") or {})
-    if tokens is not None:
-        usage["prompt_tokens"] = tokens
-        usage["total_tokens"] = tokens + (usage.get("completion_tokens") or 0)
-    out = {k: v for k, v in body.items() if k not in ("data", "usage")}
-    out["data"] = [{**item, "index": 0}]
-    out["usage"] = usage
+def _row_replies(body: dict[str, Any], items: list[dict[str, Any]], tokens: list[int | None]) -> list[dict]:
+    """One-input replies: the request's fields, one data item each (index 0), each row's usage."""
+    head = {k: v for k, v in body.items() if k not in ("data", "usage")}
+    usage = body.get("usage") or {}
+    extra = usage.get("completion_tokens") or 0
+    out = []
+    for item, n in zip(items, tokens):
+        u = dict(usage)
+        if n is not None:
+            u["prompt_tokens"], u["total_tokens"] = n, n + extra
+        out.append({**head, "data": [item], "usage": u})
     return out
 
 
