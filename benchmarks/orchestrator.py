@@ -23,7 +23,10 @@ What one run measures, on the same endpoint:
    commit) cancels.
 3. **cached**: the ``choice`` pipelines again, unchanged, every request answered by the request
    cache (marginal too).
-4. **peak RSS** of this process (psutil, every 50 ms) during each modelyard run; every run of
+4. **CPU time** of this process (all threads) during each run, and the marginal rows per
+   CPU-second: what a row costs the orchestrator, which other load on a shared machine moves
+   far less than wall time (printed beside the rates, not in the last line).
+5. **peak RSS** of this process (psutil, every 50 ms) during each modelyard run; every run of
    the small size comes before any of the large one, so the ratio between the sizes' peaks
    shows whether memory grows with the input.
 
@@ -124,8 +127,9 @@ def bare(url: str, kind: str, n: int, concurrency: int, per_request: int = 1, en
         groups = [rows[i:i + per_request] for i in range(0, n, per_request)]
         bodies = [{"model": I.EMBED, "input": g if per_request > 1 else g[0],
                    **({"encoding_format": encoding} if encoding else {})} for g in groups]
+    c0 = _cpu()
     wall = asyncio.run(_bare(url, path, bodies, concurrency, decode=encoding == "base64"))
-    return {"rows": n, "wall": wall, "rows_s": n / wall, "req_s": len(bodies) / wall}
+    return {"rows": n, "wall": wall, "cpu": _cpu() - c0, "rows_s": n / wall, "req_s": len(bodies) / wall}
 
 
 # -- modelyard --------------------------------------------------------------------------------
@@ -133,19 +137,27 @@ def bare(url: str, kind: str, n: int, concurrency: int, per_request: int = 1, en
 def modelyard(cfg: Path, out: Path, stage: str) -> dict:
     """One in-process flow run; wall time to the flow's return, peak RSS, the stage's counts."""
     with C.RssSampler() as rss:
-        t0 = time.perf_counter()
+        c0, t0 = _cpu(), time.perf_counter()
         manifest = C.run_flow(cfg)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _cpu() - c0
     st = manifest["stages"][stage]
     return {"rows": manifest["rows"], "wall": wall, "rows_s": manifest["rows"] / wall, "rss": rss.peak_mb,
-            "errors": st["errors"], "cached": st["cached"], "shards": manifest["input"]["shards"]}
+            "cpu": cpu, "errors": st["errors"], "cached": st["cached"], "shards": manifest["input"]["shards"]}
 
 
-def marginal(small: dict, big: dict) -> float:
+def _cpu() -> float:
+    """CPU seconds this process has used (every thread): what a row costs the orchestrator, which
+    other processes on the machine slow down far less than they slow down wall time."""
+    t = os.times()
+    return t.user + t.system
+
+
+def marginal(small: dict, big: dict, key: str = "wall") -> float:
     """(rows2 - rows1) / (time2 - time1): the rate with a run's fixed cost taken out. A quick run
-    that is too short to tell (the difference lost in noise) gives the large run's plain rate."""
-    dt = big["wall"] - small["wall"]
-    return (big["rows"] - small["rows"]) / dt if dt > 0 else big["rows_s"]
+    that is too short to tell (the difference lost in noise) gives the large run's plain rate.
+    ``key="cpu"``: rows per CPU-second of this process instead of per second."""
+    dt = big[key] - small[key]
+    return (big["rows"] - small["rows"]) / dt if dt > 0 else big["rows"] / big[key]
 
 
 def main() -> int:
@@ -209,17 +221,23 @@ def main() -> int:
                 r = got[(what, n)] = modelyard(cfg, out, stage)
                 note = f"{r['shards']} shards, in flight {in_flight}, {r['cached']} cached, {r['errors']} errors"
                 rows.append({"system": f"modelyard {what} {n} rows", **r, "note": note})
-                C.log(f"modelyard {what} {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s, peak RSS {r['rss']:.0f} MB; {note})")
+                C.log(f"modelyard {what} {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s, {r['cpu']:.1f} CPU-s, "
+                      f"peak RSS {r['rss']:.0f} MB; {note})")
         again = bare(url, "chat", bare_n, best_c)
         rows.append({"system": f"bare aiohttp chat c={best_c} (again)", **again})
     bare_rate = statistics.mean([first[best_c]["req_s"], again["req_s"]])
     rate = {w: marginal(got[(w, sizes[0])], got[(w, sizes[1])]) for w in ("chat", "cached", "embed") if w in only}
+    bare_cpu = statistics.mean([first[best_c]["rows"] / first[best_c]["cpu"], again["rows"] / again["cpu"]])
     for w, v in rate.items():
+        per_cpu = marginal(got[(w, sizes[0])], got[(w, sizes[1])], "cpu")
         rows.append({"system": f"modelyard {w}, marginal {sizes[0]}->{sizes[1]}", "rows_s": v,
-                     "note": f"{v / bare_rate:.3f} x bare chat"})
+                     "note": f"{v / bare_rate:.3f} x bare; {per_cpu:.0f} rows/CPU-s, {per_cpu / bare_cpu:.3f} x bare"})
     peaks = {n: max(got[(w, n)]["rss"] for w in only) for n in sizes}
-    print(C.table([fmt(r) for r in rows], ["system", "rows", "wall_s", "rows_s", "req_s", "rss_mb", "note"]))
-    print(f"bare baseline: c={best_c}, mean of its first run and its run at the end: {bare_rate:.0f} req/s")
+    print(C.table([fmt(r) for r in rows], ["system", "rows", "wall_s", "cpu_s", "rows_s", "req_s", "rss_mb", "note"]))
+    print("cpu_s: CPU time of this process (all its threads) during the run; rows per CPU-second is what a row "
+          "costs the orchestrator, far less moved by other load on the machine than rows/s")
+    print(f"bare baseline: c={best_c}, mean of its first run and its run at the end: {bare_rate:.0f} req/s, "
+          f"{bare_cpu:.0f} requests per CPU-second of this process")
     print(f"peak RSS (this process, psutil every 50 ms): {peaks[sizes[0]]:.0f} MB at {sizes[0]} rows, "
           f"{peaks[sizes[1]]:.0f} MB at {sizes[1]} rows, ratio {peaks[sizes[1]] / peaks[sizes[0]]:.3f}")
     print(f"load average at the end: {load()}")
@@ -235,7 +253,8 @@ def load() -> str:
 
 def fmt(r: dict) -> dict:
     out = {"system": r["system"], "note": r.get("note", "")}
-    for k, col, f in (("rows", "rows", "{:d}"), ("wall", "wall_s", "{:.2f}"), ("rows_s", "rows_s", "{:.0f}"),
+    for k, col, f in (("rows", "rows", "{:d}"), ("wall", "wall_s", "{:.2f}"), ("cpu", "cpu_s", "{:.2f}"),
+                      ("rows_s", "rows_s", "{:.0f}"),
                       ("req_s", "req_s", "{:.0f}"), ("rss", "rss_mb", "{:.0f}")):
         if k in r:
             out[col] = f.format(r[k])

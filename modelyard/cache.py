@@ -63,10 +63,15 @@ def runtime_key(model_id: str, revision: str, engine: str) -> str:
     return json.dumps([model_id, revision, engine])
 
 
+# json.dumps with options builds an encoder per call; these are built once (same output)
+_KEY_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def request_key(model_id: str, revision: str, path: str, body: dict[str, Any]) -> str:
-    blob = json.dumps([model_id, revision, path, {k: v for k, v in body.items() if k != "model"}],
-                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    blob = _KEY_JSON([model_id, revision, path, {k: v for k, v in body.items() if k != "model"}])
+    # surrogatepass: a lone surrogate (JSON input can hold one) gets a key instead of crashing the shard
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def deterministic(path: str, body: dict[str, Any]) -> bool:
@@ -90,7 +95,7 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
     packed = _pack_vectors(reply)
     if packed is not None:
         return packed
-    data = json.dumps(reply, separators=(",", ":")).encode()
+    data = _COMPACT_JSON(reply).encode()
     return data if len(data) <= COMPRESS_OVER else zlib.compress(data, 1)
 
 
@@ -119,8 +124,7 @@ def _pack_vectors(reply: dict[str, Any]) -> bytes | None:
     if sys.byteorder == "big":
         for a in arrays:
             a.byteswap()
-    head = json.dumps({**reply, "data": [{**d, "embedding": len(a)} for d, a in zip(data, arrays)]},
-                      separators=(",", ":")).encode()
+    head = _COMPACT_JSON({**reply, "data": [{**d, "embedding": len(a)} for d, a in zip(data, arrays)]}).encode()
     return b"".join([VECTORS, len(head).to_bytes(4, "little"), head, *(a.tobytes() for a in arrays)])
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import json
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Coroutine
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,14 +169,6 @@ class Pool:
             await asyncio.sleep(0.25)
             self._wake()
 
-    @asynccontextmanager
-    async def slot(self):
-        ep = await self.acquire()
-        try:
-            yield ep
-        finally:
-            self.release(ep)
-
     def headers(self) -> dict[str, str]:
         """The headers of every request of this pool: JSON, and the API key if one is set."""
         if self._headers is None:
@@ -286,6 +278,20 @@ def _error_text(raw: bytes) -> str:
     return _text(raw)[:500]
 
 
+# The row loop allocates a few containers per row and keeps every row of its shards alive while
+# they run; with CPython's default thresholds (700, 10, 10) the cyclic collector took 13-30 % of
+# the orchestrator's CPU per row (benchmarks/README.md). Raised once per process (never lowered),
+# and what is alive when the dispatcher starts (Prefect, pydantic, the imports) is frozen out of
+# the collections: it is never garbage, and walking it again at every full collection costs.
+GC_THRESHOLD = (100_000, 50, 100)
+
+
+def _tune_gc() -> None:
+    gc.freeze()
+    if gc.get_threshold()[0] < GC_THRESHOLD[0]:
+        gc.set_threshold(*GC_THRESHOLD)
+
+
 class Dispatcher:
     """An event loop in a daemon thread shared by every shard of this process."""
 
@@ -293,6 +299,7 @@ class Dispatcher:
     _instance: Dispatcher | None = None
 
     def __init__(self) -> None:
+        _tune_gc()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="modelyard-dispatcher", daemon=True)
         self.thread.start()
