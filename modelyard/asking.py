@@ -10,11 +10,13 @@ again; ``--retry-errors`` asks again what was invalid or refused.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from modelyard.batching import embed
 from modelyard.cache import RequestCache, deterministic, request_key
 from modelyard.client import Pool, RequestFailed, post
 from modelyard.confidence import confidence, logprob_params
@@ -28,12 +30,46 @@ REMEMBERED_STATUS = {400}  # the engine refused the request itself: the same req
 
 @dataclass
 class Context:
-    """What one pass over a shard shares: the HTTP session, the pools, the cache, the job."""
+    """What one pass over a shard shares: the HTTP session, the pools, the cache, the job, and the
+    cache's answers to the shard's first requests, read in one query (``prefetch``)."""
 
     client: Any
     pools: dict[str, Pool]
     cache: RequestCache | None
     job: Job
+    prefetched: dict[tuple[int, str], tuple[str, dict | None]] = field(default_factory=dict)
+    _flushing: asyncio.Future | None = field(default=None, repr=False)
+
+    def cache_key(self, st: Stage, model: str, path: str, body: dict[str, Any]) -> str | None:
+        """The request cache's key of ``body`` as ``ask`` sends it (None: not cached)."""
+        if self.cache is None or not (self.job.cache_nondeterministic or deterministic(path, body)):
+            return None
+        rt = self.job.models[model]
+        return request_key(rt.model_id, rt.revision, path, {**body, "model": rt.served_name})
+
+    def prefetch(self, st: Stage, model: str, requests: list[tuple[str, dict[str, Any]] | None]) -> None:
+        """Read the cached replies of many rows' requests to ``model`` at once; ``ask`` takes them."""
+        keys = {id(r[1]): self.cache_key(st, model, *r) for r in requests if r is not None}
+        found = self.cache.get_many([k for k in keys.values() if k], accept_truncated=not self.job.retry_truncated)
+        self.prefetched.update({(i, model): (k, found.get(k)) for i, k in keys.items() if k})
+
+    async def durable(self) -> None:
+        """Wait until every answer so far is on disk (one write for all rows waiting at once): a
+        cascade calls it before it sends a row on, so a killed run never asks that tier again."""
+        if self.cache is None:
+            return
+        if self._flushing is None:
+            loop = asyncio.get_running_loop()
+            self._flushing = fut = loop.create_future()
+
+            def flush() -> None:
+                self._flushing = None
+                try:
+                    self.cache.flush()
+                finally:
+                    fut.set_result(None)
+            loop.call_soon(flush)
+        await asyncio.shield(self._flushing)
 
 
 @dataclass
@@ -72,13 +108,17 @@ async def ask(ctx: Context, st: Stage, model: str, path: str, body: dict[str, An
     """``model`` answers the stage's request ``body`` for one row (see the module docstring)."""
     job = ctx.job
     rt = job.models[model]
+    known = ctx.prefetched.pop((id(body), model), None) if ctx.prefetched and not (extra or want_confidence) else None
     body = {**body, "model": rt.served_name, **(extra or {})}
     if want_confidence and path != "/embeddings":
         body.update(logprob_params(st.cfg.api))
     cache, key = ctx.cache, None
-    if cache is not None and (job.cache_nondeterministic or deterministic(path, body)):
-        key = request_key(rt.model_id, rt.revision, path, body)
-        reply = cache.get(key, accept_truncated=not job.retry_truncated)
+    if known is not None or cache is not None and (job.cache_nondeterministic or deterministic(path, body)):
+        if known is not None:
+            key, reply = known
+        else:
+            key = request_key(rt.model_id, rt.revision, path, body)
+            reply = cache.get(key, accept_truncated=not job.retry_truncated)
         if reply is not None:
             a = _answer(st, model, reply, want_confidence)
             a.cached, a.endpoint, a.attempts, a.latency_ms = True, "cache", 0, 0.0
@@ -88,7 +128,10 @@ async def ask(ctx: Context, st: Stage, model: str, path: str, body: dict[str, An
     if job.cache_only:
         raise CacheMiss(st.name)
     try:
-        r = await post(ctx.client, ctx.pools[model], path, body)
+        if st.embed:  # gathered with other rows' inputs into requests of batch_size inputs
+            r = await embed(ctx.client, ctx.pools[model], path, body, batch_size=st.cfg.batch_size)
+        else:
+            r = await post(ctx.client, ctx.pools[model], path, body)
     except RequestFailed as e:
         a = Answer(model, failed=True, attempts=e.attempts, error=explain(str(e)))
         if key is not None and e.status in REMEMBERED_STATUS:

@@ -275,3 +275,52 @@ def test_the_votes_and_route_config_runs_as_shown(servers, prefect_harness, tmp_
     assert [t["asked"] for t in st["urgency"]["tiers"]] == [300, 300, 300]
     long = sum(len(b) > 60 for b in table.column("body").to_pylist())
     assert [r["rows"] for r in st["reply"]["routes"]] == [long, 300 - long]
+
+
+def test_embedding_refusals_are_remembered_and_truncate_cuts_instead(servers, prefect_harness, tmp_path, caplog):
+    """Texts over MiniLM's 256 tokens: error rows, remembered, so an unchanged re-run is answered by
+    the cache alone (no request, no server); `truncate: true` embeds them cut, and says so."""
+    import logging
+
+    from flows.pipeline import run_pipeline
+    from tests.conftest import requests_served
+
+    minilm = servers["embedder"]
+    rows = [{"id": i, "text": ("word " * (400 if i % 10 == 3 else 5)) + str(i)} for i in range(40)]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def cfg(truncate: bool) -> Path:
+        p = tmp_path / f"c-{truncate}.yaml"
+        p.write_text(f"""
+name: refusals
+input: {{uri: "{data}", key: id}}
+shard_rows: 20
+models:
+  embedder: {{model: builtin:minilm, task: embed, serve: {{max_model_len: 256}}}}
+stages:
+  - {{name: embed, model: embedder, input: "{{{{ text }}}}", output: vec{", truncate: true" if truncate else ""}}}
+output: {{uri: "{tmp_path / ('out-cut' if truncate else 'out')}"}}
+engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
+""")
+        return p
+
+    long = [r["id"] for r in rows if r["id"] % 10 == 3]
+    m0 = requests_served(minilm)
+    first = run_pipeline(config=str(cfg(False)))
+    sent = requests_served(minilm) - m0
+    assert first["stages"]["embed"]["errors"] == len(long)
+    errs = pq.read_table(tmp_path / "out" / "_errors" / "errors.parquet").to_pylist()
+    assert sorted(int(e["_row_key"]) for e in errs) == long and all("too long" in e["error"] for e in errs)
+    assert sent < len(rows)  # batched: fewer requests than rows, the refused ones split out
+    caplog.set_level(logging.INFO)
+    again = run_pipeline(config=str(cfg(False)))
+    assert requests_served(minilm) - m0 == sent  # nothing asked again, the refusals included
+    assert again["stages"]["embed"]["cached"] == len(rows) and again["stages"]["embed"]["errors"] == len(long)
+    assert "2 of 2 shards answered by the request cache" in caplog.text  # so no server was started
+    cut = run_pipeline(config=str(cfg(True)))
+    assert cut["stages"]["embed"]["errors"] == 0
+    table = pq.read_table(tmp_path / "out-cut" / "part-00000.parquet").to_pylist()
+    for r in table:
+        lin = r["_lineage"]["embed"]
+        assert len(r["vec"]) == 384 and lin["finish_reason"] == ("length" if r["id"] in long else "stop")

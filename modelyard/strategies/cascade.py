@@ -69,6 +69,8 @@ class Cascade(Strategy):
             e["reason"] = reason or "accepted"
             if reason is None:
                 return Outcome(a, tiers, i, a.confidence, asked)
+            if not all(x.cached for x in asked):
+                await ctx.durable()  # what this tier said is on disk before the next one is asked
         raise AssertionError("the last tier always answers")
 
     async def why_escalate(self, ctx: Context, row: dict[str, Any], i: int, a: Answer, tiers: list, asked: list
