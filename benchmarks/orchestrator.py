@@ -73,7 +73,8 @@ def write_input(path: Path, n: int, start: int = 0) -> Path:
     return path
 
 
-def config(path: Path, kind: str, data: Path, out: Path, url: str, in_flight: int, batch: int | None) -> Path:
+def config(path: Path, kind: str, data: Path, out: Path, url: str, in_flight: int, batch: int | None,
+           ray_workers: int | None = None) -> Path:
     if kind == "chat":
         model = {"model": I.CHAT, "endpoints": [url], "max_in_flight": in_flight}
         stage = {"name": "label", "model": "m", "prompt": PROMPT, "choice": I.CHOICES, "params": PARAMS,
@@ -83,8 +84,9 @@ def config(path: Path, kind: str, data: Path, out: Path, url: str, in_flight: in
         stage = {"name": "embed", "model": "m", "input": "{{ text }}", "output": "embedding"}
         if batch is not None:
             stage["batch_size"] = batch
+    runner = {"runner": {"kind": "ray", "num_cpus": ray_workers}} if ray_workers else {}
     return C.write_yaml(path, {"name": f"bench-orch-{kind}", "input": {"uri": str(data), "key": "id"},
-                               "models": {"m": model}, "stages": [stage], "output": {"uri": str(out)}})
+                               "models": {"m": model}, "stages": [stage], "output": {"uri": str(out)}, **runner})
 
 
 # -- the bare client --------------------------------------------------------------------------
@@ -173,6 +175,9 @@ def main() -> int:
     ap.add_argument("--dimensions", type=int, default=384, help="embedding dimension (default 384, MiniLM's)")
     ap.add_argument("--only", nargs="+", choices=["chat", "cached", "embed"], default=None,
                     help="measure only these modelyard pipelines (for profiling)")
+    ap.add_argument("--ray", action="store_true",
+                    help="also the chat pipeline on a local Ray cluster of 1 and of 2 workers (marginal rows/s; "
+                    "every worker gets its share of max_in_flight)")
     ap.add_argument("--quick", action="store_true", help="CI smoke run: small inputs, one sweep point")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args()
@@ -223,6 +228,17 @@ def main() -> int:
                 rows.append({"system": f"modelyard {what} {n} rows", **r, "note": note})
                 C.log(f"modelyard {what} {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s, {r['cpu']:.1f} CPU-s, "
                       f"peak RSS {r['rss']:.0f} MB; {note})")
+        for workers in ((1, 2) if a.ray else ()):
+            for n in sizes:
+                data = work / f"in-{n}.parquet"
+                if not data.exists():
+                    write_input(data, n)
+                out = work / f"out-ray{workers}-{n}"
+                cfg = config(work / f"ray{workers}-{n}.yaml", "chat", data, out, url, in_flight, None, workers)
+                r = got[(f"ray{workers}", n)] = modelyard(cfg, out, "label")
+                rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), {n} rows", **r,
+                             "note": f"{r["shards"]} shards, in flight {in_flight} in all"})
+                C.log(f"modelyard chat on Ray ({workers}) {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s)")
         again = bare(url, "chat", bare_n, best_c)
         rows.append({"system": f"bare aiohttp chat c={best_c} (again)", **again})
     bare_rate = statistics.mean([first[best_c]["req_s"], again["req_s"]])
@@ -232,6 +248,10 @@ def main() -> int:
         per_cpu = marginal(got[(w, sizes[0])], got[(w, sizes[1])], "cpu")
         rows.append({"system": f"modelyard {w}, marginal {sizes[0]}->{sizes[1]}", "rows_s": v,
                      "note": f"{v / bare_rate:.3f} x bare; {per_cpu:.0f} rows/CPU-s, {per_cpu / bare_cpu:.3f} x bare"})
+    for workers in ((1, 2) if a.ray else ()):
+        v = marginal(got[(f"ray{workers}", sizes[0])], got[(f"ray{workers}", sizes[1])])
+        rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), marginal {sizes[0]}->{sizes[1]}",
+                     "rows_s": v, "note": f"{v / bare_rate:.3f} x bare (Ray's start cancels out)"})
     peaks = {n: max(got[(w, n)]["rss"] for w in only) for n in sizes}
     print(C.table([fmt(r) for r in rows], ["system", "rows", "wall_s", "cpu_s", "rows_s", "req_s", "rss_mb", "note"]))
     print("cpu_s: CPU time of this process (all its threads) during the run; rows per CPU-second is what a row "

@@ -134,7 +134,26 @@ def test_demo_on_a_local_ray_cluster_matches_the_local_runner(servers, prefect_h
     monkeypatch.chdir(ROOT)
     out_local, out_ray = tmp_path / "local", tmp_path / "ray"
     run_pipeline(config="configs/demo.yaml", params={"date": "2026-11-27"}, output=str(out_local))
-    m = run_pipeline(config="configs/demo.yaml", params={"date": "2026-11-27"}, output=str(out_ray), runner="ray")
+    tiny = servers["tiny"]
+    seen, done = [], threading.Event()
+
+    def watch() -> None:  # what the tiny server has running and queued, from its own /metrics
+        while not done.is_set():
+            seen.append(in_flight_at(tiny))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        m = run_pipeline(config="configs/demo.yaml", params={"date": "2026-11-27"}, output=str(out_ray),
+                         runner="ray")
+    finally:
+        done.set()
+        watcher.join()
+    # two Ray workers (2 CPUs) ran shards at once, each with half the bound: together never above it
+    bound = 96  # tiny's max_in_flight: 1.5 x its max_num_seqs of 64
+    print(f"Ray, 2 workers: the tiny server had at most {max(seen)} requests running or queued (bound {bound})")
+    assert bound // 2 < max(seen) <= bound
     local = ds.dataset(out_local, format="parquet").to_table()
     ray = ds.dataset(out_ray, format="parquet").to_table()
     assert ray.num_rows == local.num_rows == m["rows"] == 300
@@ -143,6 +162,15 @@ def test_demo_on_a_local_ray_cluster_matches_the_local_runner(servers, prefect_h
         assert ray.column(col).to_pylist() == local.column(col).to_pylist(), col
     # the Ray run's shards ran in Ray worker processes, not in this one
     assert m["stages"]["classify"]["ran"] == 300
+
+
+def in_flight_at(server) -> int:
+    """Requests a vLLM server is running or holding in its queue, from its /metrics."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{"))))
 
 
 def _served_or_zero(server) -> int:
