@@ -237,7 +237,7 @@ def main() -> int:
                 cfg = config(work / f"ray{workers}-{n}.yaml", "chat", data, out, url, in_flight, None, workers)
                 r = got[(f"ray{workers}", n)] = modelyard(cfg, out, "label")
                 rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), {n} rows", **r,
-                             "note": f"{r["shards"]} shards, in flight {in_flight} in all"})
+                             "note": f"{r['shards']} shards, in flight {in_flight} in all"})
                 C.log(f"modelyard chat on Ray ({workers}) {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s)")
         again = bare(url, "chat", bare_n, best_c)
         rows.append({"system": f"bare aiohttp chat c={best_c} (again)", **again})
