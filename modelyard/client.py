@@ -98,6 +98,8 @@ class Pool:
         if not ENDPOINT_STATE and len(self.endpoints) == 1:  # the common case, without the lists below
             e = self.endpoints[0]
             return e if e.in_flight < self.limit else None
+        if not self.endpoints:  # a model known from the request cache only: nothing to send to
+            raise ModelGone(f"model {self.name!r} has no endpoint in this pass")
         now = time.monotonic()
         usable = [e for e in self.endpoints if e.url not in ENDPOINT_STATE]
         if not usable:
