@@ -243,7 +243,7 @@ class StageConfig(Strict):
         if self.vote is not None:
             if self.constraint is None:
                 raise ValueError("vote: free text cannot be voted on; give choice, regex or json_schema")
-            if self.vote.models is not None and len(self.vote.models) < 2 and not self.vote.samples:
+            if len(self.vote.voters) * (self.vote.samples or 1) < 2:
                 raise ValueError("vote: a vote of one model needs samples: N (N >= 2)")
             if self.vote.samples and not float(self.params.get("temperature", 1.0) or 0) > 0:
                 raise ValueError("vote.samples: samples of one model differ only when sampled: set "

@@ -56,6 +56,7 @@ class Job:
     cache_only: bool = False  # no server is up: a shard the cache cannot answer whole is left for later
     thresholds: dict[str, list[float | None]] = field(default_factory=dict)  # calibrated, by cascade stage
     workers: int = 1  # processes that run shards at once (Ray, Dask): they split each endpoint's bound
+    wave_tiers: dict[int, tuple[int, int]] | None = None  # cascade stage -> the tiers of this wave, if split
     _stages: list[Stage] | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -78,7 +79,8 @@ class Job:
                 rt = self.models.get(first)
                 st = Stage(s, self.config.models[first], rt.served_name if rt else first, Path(self.base_dir),
                            rt.dimensions if rt else None)
-                st.strategy = strategy_for(st, self.config, Path(self.base_dir), self.thresholds.get(s.name))
+                span = (self.wave_tiers or {}).get(len(self._stages))
+                st.strategy = strategy_for(st, self.config, Path(self.base_dir), self.thresholds.get(s.name), span)
                 st.reads = st.reads | st.strategy.reads
                 self._stages.append(st)
         return self._stages

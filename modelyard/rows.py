@@ -112,6 +112,8 @@ def _resume(job, prior) -> tuple[dict, dict, list, set, set, dict]:
     by_name = {s.name: s.output for s in job.config.stages}
     for name, rec in lineage.items():
         out = by_name[name]
+        if rec.get("_pending") is not None:
+            continue  # a cascade that a later wave's tiers finish
         if rec["error"]:
             failed.add(out)
         elif rec["skipped"]:
@@ -135,7 +137,11 @@ async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker
         outputs, lineage, errors, failed, skipped, values = _resume(job, prior)
         row.update(values)
     for st in stages:
-        rec = lineage[st.name] = new_record(st, job.models[st.cfg.models_used[0]])
+        resume = lineage.get(st.name) if lineage.get(st.name, {}).get("_pending") is not None else None
+        if prior and st.name in lineage and resume is None:
+            continue  # finished in an earlier wave (a cascade whose tiers the waves split)
+        model = st.cfg.models_used[0]
+        rec = lineage[st.name] = new_record(st, job.models[model] if model in job.models else _Unknown(model))
         if st.strategy.multi:
             rec.update(confidence=None, tier=None, tiers=None)
         out = st.cfg.output
@@ -163,7 +169,7 @@ async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker
                     path, body = st.request(row)
                 if not _has_text(body):
                     raise RenderError("the rendered prompt is empty")
-                outcome = await st.strategy.answer(ctx, row, path, body)
+                outcome = await st.strategy.answer(ctx, row, path, body, resume)
         except RenderError as e:
             _fail(rec, errors, st, str(e), None)
             failed.add(out)
@@ -174,6 +180,9 @@ async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker
             tracker.record(st.name, skipped=True)
             continue
         rec.update(outcome.record(job))
+        if outcome.pending is not None:
+            continue  # no answer yet: the next wave's tiers give it
+        rec.pop("_pending", None)
         if outcome.ok:
             outputs[out] = row[out] = outcome.answer.value
         else:
@@ -182,6 +191,13 @@ async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker
         tracker.record(st.name, error=not outcome.ok, cached=rec["cached"], prompt_tokens=rec["prompt_tokens"],
                        completion_tokens=rec["completion_tokens"])
     return outputs, lineage, errors
+
+
+class _Unknown:
+    """A model not up in this pass (a later wave's), described by its config name."""
+
+    def __init__(self, name: str):
+        self.model_id, self.revision, self.engine_version = name, "-", "-"
 
 
 def _has_text(body: dict) -> bool:

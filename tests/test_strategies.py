@@ -269,6 +269,7 @@ def data(tmp_path: Path) -> Path:
     ("{name: s, model: a, prompt: 'x', escalate_when: 'o == 1', output: o}", "escalate_when belong(s) to a cascade"),
     ("{name: s, prompt: 'x', vote: {models: [a, b]}, output: o}", "free text cannot be voted on"),
     ("{name: s, prompt: 'x', choice: [y, n], vote: {models: [a]}, output: o}", "a vote of one model needs samples"),
+    ("{name: s, prompt: 'x', choice: [y, n], vote: {model: a}, output: o}", "a vote of one model needs samples"),
     ("{name: s, prompt: 'x', choice: [y, n], vote: {model: a, samples: 3}, params: {temperature: 0}, output: o}",
      "set params.temperature above 0"),
     ("{name: s, prompt: 'x', route: [{model: a}, {when: 'body', model: b}], output: o}",

@@ -19,11 +19,13 @@ from modelyard.strategies.vote import Vote
 __all__ = ["Cascade", "Outcome", "Route", "Single", "Strategy", "Vote", "strategy_for"]
 
 
-def strategy_for(stage: Stage, config, base_dir: Path, calibrated: list[float | None] | None = None) -> Strategy:
-    """The compiled strategy of a stage (``calibrated``: a cascade's thresholds set by calibration)."""
+def strategy_for(stage: Stage, config, base_dir: Path, calibrated: list[float | None] | None = None,
+                 span: tuple[int, int] | None = None) -> Strategy:
+    """The compiled strategy of a stage (``calibrated``: a cascade's thresholds set by calibration;
+    ``span``: the cascade tiers this pass asks, when GPU waves split them)."""
     kind = stage.cfg.strategy
     if kind == "cascade":
-        return Cascade(stage, config, base_dir, calibrated)
+        return Cascade(stage, config, base_dir, calibrated, span)
     if kind == "vote":
         return Vote(stage)
     if kind == "route":

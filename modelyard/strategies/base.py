@@ -37,6 +37,8 @@ class Outcome:
     asked: list[Answer] = field(default_factory=list)  # every attempt, in order (several models)
     parallel: bool = False  # the attempts went out together (a vote): the stage took the slowest one's time
     error: str | None = None  # overrides the kept answer's error (e.g. every voter failed)
+    pending: int | None = None  # a cascade cut by GPU waves: the tier a later wave asks next (no answer yet)
+    carried: dict[str, Any] | None = None  # the stage's lineage from an earlier wave, for its sums
 
     @property
     def ok(self) -> bool:
@@ -49,13 +51,19 @@ class Outcome:
         rec = {"model": rt.model_id, "model_revision": rt.revision, "engine_version": rt.engine_version,
                "finish_reason": a.finish_reason, "endpoint": a.endpoint}
         asked = self.asked or [a]
-        lat = [x.latency_ms for x in asked if x.latency_ms is not None]
-        rec.update(prompt_tokens=_sum(x.prompt_tokens for x in asked),
-                   completion_tokens=_sum(x.completion_tokens for x in asked),
+        before = self.carried or {}
+        lat = [x.latency_ms for x in asked if x.latency_ms is not None] + (
+            [before["latency_ms"]] if before.get("latency_ms") is not None else [])
+        rec.update(prompt_tokens=_sum([*(x.prompt_tokens for x in asked), before.get("prompt_tokens")]),
+                   completion_tokens=_sum([*(x.completion_tokens for x in asked), before.get("completion_tokens")]),
                    latency_ms=(max(lat) if self.parallel else round(sum(lat), 3)) if lat else None,
-                   attempts=sum(x.attempts for x in asked), cached=all(x.cached for x in asked))
+                   attempts=sum(x.attempts for x in asked) + (before.get("attempts") or 0),
+                   cached=all(x.cached for x in asked) and before.get("cached", True))
         if self.tiers is not None:
             rec.update(confidence=self.confidence, tier=self.tier, tiers=self.tiers)
+        if self.pending is not None:
+            rec.update(model=None, finish_reason=None, endpoint=None, confidence=None, tier=None,
+                       _pending=self.pending)
         return rec
 
 
@@ -83,8 +91,10 @@ class Strategy(ABC):
         return self.stage.cfg.models_used
 
     @abstractmethod
-    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any]) -> Outcome:
-        """The stage's answer for ``row`` whose rendered request is (``path``, ``body``)."""
+    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any],
+                     resume: dict[str, Any] | None = None) -> Outcome:
+        """The stage's answer for ``row`` whose rendered request is (``path``, ``body``); ``resume``:
+        the stage's lineage from an earlier GPU wave that left it pending (cascades only)."""
 
     def stats(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """This strategy's own counts over a shard's lineage records of the stage (summed across

@@ -27,10 +27,14 @@ class Cascade(Strategy):
     name = "cascade"
     multi = True
 
-    def __init__(self, stage: Stage, config, base_dir: Path, calibrated: list[float | None] | None = None):
+    def __init__(self, stage: Stage, config, base_dir: Path, calibrated: list[float | None] | None = None,
+                 span: tuple[int, int] | None = None):
         super().__init__(stage)
         cfg = stage.cfg
         self.tiers = cfg.cascade
+        # the tiers this pass may ask: all, or those of its GPU wave when the tiers' models cannot be
+        # resident together (a row the wave's last tier sends on waits, pending, for the next wave)
+        self.span = span or (0, len(self.tiers) - 1)
         self.calibrated = calibrated
         self.escalate = Condition(cfg.escalate_when) if cfg.escalate_when else None
         self.judge = judge_stage(cfg, config, base_dir) if cfg.judge else None
@@ -53,25 +57,28 @@ class Cascade(Strategy):
     async def ask_tier(self, ctx: Context, i: int, path: str, body: dict[str, Any]) -> Answer:
         return await ask(ctx, self.stage, self.tiers[i].model, path, body, want_confidence=self.wants_confidence(i))
 
-    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any]) -> Outcome:
-        tiers: list[dict[str, Any]] = []
+    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any],
+                     resume: dict[str, Any] | None = None) -> Outcome:
+        tiers: list[dict[str, Any]] = list(resume["tiers"]) if resume else []
         asked: list[Answer] = []
         last = len(self.tiers) - 1
-        for i in range(len(self.tiers)):
+        start = resume["_pending"] if resume else 0
+        done = lambda a, i: Outcome(a, tiers, i, a.confidence, asked, carried=resume)  # noqa: E731
+        for i in range(start, self.span[1] + 1):
             a = await self.ask_tier(ctx, i, path, body)
             asked.append(a)
             e = entry(a, "answer", i, "")
             tiers.append(e)
             if i == last:
                 e["reason"] = "accepted" if a.ok else ("failed" if a.failed else "invalid")
-                return Outcome(a, tiers, i, a.confidence, asked)
+                return done(a, i)
             reason = await self.why_escalate(ctx, row, i, a, tiers, asked)
             e["reason"] = reason or "accepted"
             if reason is None:
-                return Outcome(a, tiers, i, a.confidence, asked)
+                return done(a, i)
             if not all(x.cached for x in asked):
                 await ctx.durable()  # what this tier said is on disk before the next one is asked
-        raise AssertionError("the last tier always answers")
+        return Outcome(asked[-1], tiers, None, None, asked, pending=self.span[1] + 1, carried=resume)
 
     async def why_escalate(self, ctx: Context, row: dict[str, Any], i: int, a: Answer, tiers: list, asked: list
                            ) -> str | None:

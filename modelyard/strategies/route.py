@@ -25,7 +25,8 @@ class Route(Strategy):
                 return i
         return len(self.rules) - 1
 
-    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any]) -> Outcome:
+    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any],
+                     resume: dict[str, Any] | None = None) -> Outcome:
         i = self.rule_for(row)  # a `when` that fails on the row raises RenderError: an error row
         a = await ask(ctx, self.stage, self.rules[i][1], path, body)
         reason = f"rule {i}" if a.ok else ("failed" if a.failed else "invalid")

@@ -11,5 +11,6 @@ from modelyard.strategies.base import Outcome, Strategy
 class Single(Strategy):
     name = "single"
 
-    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any]) -> Outcome:
+    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any],
+                     resume: dict[str, Any] | None = None) -> Outcome:
         return Outcome(await ask(ctx, self.stage, self.stage.cfg.model, path, body))

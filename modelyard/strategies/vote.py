@@ -56,7 +56,8 @@ class Vote(Strategy):
         """Samples of one model differ by their seed, so that each is its own cached request."""
         return {"seed": self.base_seed + k} if self.samples > 1 else None
 
-    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any]) -> Outcome:
+    async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any],
+                     resume: dict[str, Any] | None = None) -> Outcome:
         asked = list(await asyncio.gather(*(ask(ctx, self.stage, m, path, body, extra=self._extra(k))
                                             for m, k in self.voters)))
         valid = [(i, a) for i, a in enumerate(asked) if a.ok]
