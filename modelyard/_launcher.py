@@ -1,9 +1,12 @@
 """Run a model server and make sure it dies with the orchestrator. Standard library only.
 
-Run with the engine environment's Python: ``python _launcher.py PARENT_PID -- CMD ARGS...``.
-It starts CMD in its own process group and stops that group (TERM, then KILL) when it is told
-to stop, or when the orchestrator that started it is gone, even after a SIGKILL of the
-orchestrator, which would otherwise leave a vLLM server holding memory and cores.
+``python _launcher.py PARENT_PID -- CMD ARGS...`` (with the engine environment's Python) starts CMD
+in its own process group and stops that group (TERM, then KILL after ``GRACE_S``) when it is told to
+stop, or when the orchestrator that started it is gone, even after a SIGKILL of the orchestrator,
+which would otherwise leave a vLLM server holding memory and cores.
+
+``python _launcher.py --guard PARENT_PID MARKER`` watches PARENT_PID's children whose command line
+holds MARKER (Prefect's temporary API server) and ends them once PARENT_PID is gone (Linux /proc).
 """
 
 import os
@@ -12,12 +15,63 @@ import subprocess
 import sys
 import time
 
+GRACE_S = 5  # vLLM stops in 1-2 s on SIGTERM; a server still there after this is killed
+
 
 class Stop(Exception):
     """SIGTERM or SIGINT: stop the server."""
 
 
-def main() -> int:
+def _stat(pid):
+    """(parent pid, start time) of a process from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def guard(parent, marker):
+    """Remember PARENT's children matching MARKER while it lives; end them when it is gone."""
+    seen = {}  # pid -> start time
+    while os.getppid() == parent:
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) not in seen:
+                st = _stat(int(name))
+                if st and st[0] == parent and marker in _cmdline(int(name)):
+                    seen[int(name)] = st[1]
+        time.sleep(0.5)
+    alive = [pid for pid, start in seen.items() if (_stat(pid) or (0, None))[1] == start]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + GRACE_S
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if (_stat(pid) or (0, None))[1] == seen[pid]]
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return 0
+
+
+def main():
+    if sys.argv[1] == "--guard":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return guard(int(sys.argv[2]), sys.argv[3])
     parent = int(sys.argv[1])
     cmd = sys.argv[sys.argv.index("--") + 1 :]
     child = subprocess.Popen(cmd, start_new_session=True)
@@ -41,7 +95,7 @@ def main() -> int:
     if child.poll() is None:
         try:
             os.killpg(child.pid, signal.SIGTERM)
-            child.wait(timeout=20)
+            child.wait(timeout=GRACE_S)
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
