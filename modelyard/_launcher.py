@@ -2,8 +2,9 @@
 
 ``python _launcher.py PARENT_PID -- CMD ARGS...`` (with the engine environment's Python) starts CMD
 in its own process group and stops that group (TERM, then KILL after ``GRACE_S``) when it is told to
-stop, or when the orchestrator that started it is gone, even after a SIGKILL of the orchestrator,
-which would otherwise leave a vLLM server holding memory and cores.
+stop (SIGTERM or SIGINT; SIGUSR1: KILL at once, for a server still starting, which would not answer
+a TERM before its warm-up ends), or when the orchestrator that started it is gone, even after a
+SIGKILL of the orchestrator, which would otherwise leave a vLLM server holding memory and cores.
 
 ``python _launcher.py --guard PARENT_PID MARKER`` watches PARENT_PID's children whose command line
 holds MARKER (Prefect's temporary API server) and ends them once PARENT_PID is gone (Linux /proc).
@@ -43,9 +44,10 @@ def _cmdline(pid):
 def guard(parent, marker):
     """Remember PARENT's children matching MARKER while it lives; end them when it is gone."""
     seen = {}  # pid -> start time
+    me = os.getpid()  # this guard's own command line holds the marker too
     while os.getppid() == parent:
         for name in os.listdir("/proc"):
-            if name.isdigit() and int(name) not in seen:
+            if name.isdigit() and int(name) not in seen and int(name) != me:
                 st = _stat(int(name))
                 if st and st[0] == parent and marker in _cmdline(int(name)):
                     seen[int(name)] = st[1]
@@ -74,24 +76,36 @@ def main():
         return guard(int(sys.argv[2]), sys.argv[3])
     parent = int(sys.argv[1])
     cmd = sys.argv[sys.argv.index("--") + 1 :]
+    asked = []  # the stop signals received
+    running = []
+
+    def stop(signum, _frame):
+        asked.append(signum)
+        if running:  # (before the child exists it must not inherit ignored signals: only note the stop)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # one stop is enough; the cleanup must finish
+                signal.signal(s, signal.SIG_IGN)
+            raise Stop  # out of the sleep below at once: the run that asked is waiting for the stop
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # before the child exists: no stop is lost
+        signal.signal(s, stop)
     child = subprocess.Popen(cmd, start_new_session=True)
-
-    def stop(*_):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; the cleanup below must finish
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise Stop  # out of the sleep below at once: the run that asked is waiting for the stop
-
+    running.append(child)
     try:
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        while child.poll() is None:
+        while child.poll() is None and not asked:
             if os.getppid() != parent:
                 break
             time.sleep(0.5)
     except Stop:
         pass
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    now = signal.SIGUSR1 in asked
+    if now and child.poll() is None:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        except ProcessLookupError:
+            pass
     if child.poll() is None:
         try:
             os.killpg(child.pid, signal.SIGTERM)

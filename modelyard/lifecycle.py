@@ -130,7 +130,8 @@ def _deadline() -> None:
 
 
 def _report_crash() -> None:
-    """Best effort, briefly: the flow run is marked Crashed before the process ends on its own."""
+    """Best effort, briefly: the flow run is marked Crashed before the process ends on its own (not one
+    being cancelled: the worker that cancels it marks it Cancelled once the process is gone)."""
     run_id = _state["flow_run"]
     if not run_id or "prefect" not in sys.modules:
         return
@@ -143,7 +144,7 @@ def _report_crash() -> None:
 
             with get_client(sync_client=True) as client:
                 state = client.read_flow_run(run_id).state
-                if state is not None and not state.is_final():
+                if state is not None and not state.is_final() and not state.is_cancelling():
                     client.set_flow_run_state(run_id, Crashed(message=f"stopped: {STOPPING.reason}"), force=True)
         except Exception as e:  # noqa: BLE001 - the process ends either way
             log.warning("could not mark the flow run crashed: %s", e)

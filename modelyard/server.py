@@ -61,9 +61,11 @@ class Server:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     refs: int = 0
+    healthy: bool = False  # answered /health since its last start
     attempts: int = 0  # starts tried
     failure: EngineError | None = None  # why the last start failed
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stopping: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def url(self) -> str:
@@ -72,6 +74,7 @@ class Server:
     def start(self, same_port: bool = False) -> None:
         if STOPPING.is_set():
             raise EngineError(f"vLLM server for {self.served_name} not started: {STOPPING.reason}")
+        self.healthy = False
         if not (same_port and self.port):
             self.port = free_port()
         logs = home() / "logs"
@@ -113,6 +116,7 @@ class Server:
                                   f"{self.proc.returncode}): {self.root_cause()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    self.healthy = True
                     return
             except httpx.TransportError:
                 pass
@@ -145,17 +149,19 @@ class Server:
         return total
 
     def stop(self, timeout: float = 10) -> None:
-        """TERM the launcher (it stops vLLM's process group: TERM, then KILL after a few seconds);
-        if it does not end in ``timeout`` s, KILL everything below it."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._kill_tree()
-            self.proc.wait()
-        log.info("stopped vLLM for %s on port %d", self.served_name, self.port)
+        """TERM the launcher (it stops vLLM's process group: TERM, then KILL after a few seconds; a
+        server still starting is killed at once); if it does not end in ``timeout`` s, KILL everything
+        below it."""
+        with self._stopping:
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            self.proc.send_signal(signal.SIGTERM if self.healthy else signal.SIGUSR1)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._kill_tree()
+                self.proc.wait()
+            log.info("stopped vLLM for %s on port %d", self.served_name, self.port)
 
     def _kill_tree(self) -> None:
         import psutil

@@ -25,7 +25,7 @@ GiB = 2**30
 KV_CAP_GB = 4.0  # a default KV budget beyond this buys concurrency few batch jobs reach on one server
 KV_FLOOR_GB = 1 / 16  # 64 MiB: the smallest budget handed to a server (and what the CPU backend gets for BERTs)
 GPU_RUNTIME_GB = 2.0  # per GPU: CUDA context, activation peak, CUDA graphs
-CPU_RUNTIME_GB = 1.5  # per server on the CPU: API server, engine core and worker processes (measured ~1.3)
+CPU_RUNTIME_GB = 1.75  # per server on the CPU: API server, engine core, worker (1.5-1.7 GiB PSS measured here)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet",
                 "modernbert", "nomic_bert", "camembert", "xlm", "albert", "new"}
