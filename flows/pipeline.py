@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger, runtime
+from prefect.states import Cancelled
 
 from modelyard import lifecycle, pipeline
 from modelyard.cost import wave_gpu_seconds
@@ -46,7 +47,8 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     started = time.time()
     # a deployment's flow process ends itself if unwinding takes more than a few seconds
     lifecycle.watch(deadline=runtime.deployment.id is not None)
-    lifecycle.flow_run_started(runtime.flow_run.id and str(runtime.flow_run.id))
+    lifecycle.flow_run_started(runtime.flow_run.id and str(runtime.flow_run.id),
+                               supervised=runtime.deployment.id is not None)
     logger = get_run_logger()
     loaded = pipeline.load(config, params, output, runtime.flow_run.scheduled_start_time, timezone)
     prepared = pipeline.prepare(loaded, limit)
@@ -127,6 +129,8 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
         manifest = commit_output(prepared, job, plan, stats, run_id, started, start, gpu_seconds, calibrations)
     except BaseException as e:
         pipeline.lineage_fail(prepared, job, run_id, start, e)
+        if lifecycle.cancelled():  # from Prefect's UI or API: the run ends Cancelled, not Failed
+            return Cancelled(message=f"{lifecycle.STOPPING.reason}: nothing was committed; a re-run resumes")
         raise
     ui.publish_run(manifest)
     logger.info("committed %d rows to %s", manifest["rows"], manifest["output"]["uri"])

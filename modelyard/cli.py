@@ -128,21 +128,24 @@ def run(
             raise
         err.print(f"[bold red]run failed:[/] {type(e).__name__}: {e}")
         raise typer.Exit(1) from None
+    if lifecycle.cancelled():  # the flow returned its Cancelled state
+        _stopped(lifecycle.Terminated())
     from modelyard.report import print_summary
 
     print_summary(out, manifest)
 
 
 def _stopped(e: BaseException) -> None:
-    """The run was stopped by a signal: say what is kept, exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM)."""
+    """The run was stopped by a signal or cancelled from Prefect: say what is kept, exit 128 + the
+    signal (130 for Ctrl-C, 143 for SIGTERM and for a cancel)."""
     import signal
 
     from modelyard import lifecycle
 
     signum = lifecycle.stop_signal() or (signal.SIGINT if isinstance(e, KeyboardInterrupt) else getattr(
         e, "signum", None) or getattr(e, "signal", None) or signal.SIGTERM)
-    name = signal.Signals(signum).name
-    err.print(f"stopped by {name}: nothing was committed; finished shards are kept and a re-run resumes")
+    why = "cancelled from Prefect" if lifecycle.cancelled() else f"stopped by {signal.Signals(signum).name}"
+    err.print(f"{why}: nothing was committed; finished shards are kept and a re-run resumes")
     raise typer.Exit(128 + int(signum))
 
 

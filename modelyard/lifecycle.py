@@ -9,6 +9,9 @@
 - With a deadline (the command line, a deployment's flow process), a process still there
   ``DEADLINE_S`` after the signal stops Prefect's temporary API server and ends itself. Shards commit
   one by one, so the staging folder stays resumable whenever the process ends.
+- A run that no worker supervises (``modelyard run`` against a Prefect server) watches its own flow
+  run: cancelled from Prefect's UI or API, it stops the same way and ends Cancelled. (A
+  deployment's run is cancelled by its worker, which delivers a SIGTERM.)
 - ``guard_children(marker)``: a small process that ends this process's children whose command line
   holds ``marker`` once this process is gone, even after a SIGKILL. Prefect's temporary API server
   (uvicorn) is a plain child of the run that would otherwise live on.
@@ -29,8 +32,10 @@ from modelyard.server import PACKAGE, STOPPING
 
 log = logging.getLogger("modelyard")
 DEADLINE_S = 6.0
+CANCEL_POLL_S = 2.0
 API_MARKER = "prefect.server.api.server:create_app"
-_state: dict = {"watching": False, "deadline": False, "signal": None, "flow_run": None}
+_state: dict = {"watching": False, "deadline": False, "signal": None, "flow_run": None, "cancelled": False,
+                "supervised": False}
 
 
 class Terminated(BaseException):
@@ -94,8 +99,33 @@ def stop_signal() -> int | None:
     return _state["signal"]
 
 
-def flow_run_started(run_id: str | None) -> None:
-    _state["flow_run"] = run_id
+def cancelled() -> bool:
+    """Was the run cancelled from Prefect (rather than signalled)?"""
+    return _state["cancelled"]
+
+
+def flow_run_started(run_id: str | None, supervised: bool = False) -> None:
+    """The flow run under way. ``supervised``: a worker or runner delivers its cancellation; otherwise,
+    against a Prefect server, a thread watches the run's state for a cancel from the UI or API."""
+    _state["flow_run"], _state["supervised"] = run_id, supervised
+    if run_id and not supervised and os.environ.get("PREFECT_API_URL") and not _state.get("cancel_watch"):
+        _state["cancel_watch"] = True
+        threading.Thread(target=_watch_cancel, args=(run_id,), name="modelyard-cancel", daemon=True).start()
+
+
+def _watch_cancel(run_id: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while not STOPPING.wait(CANCEL_POLL_S):
+            try:
+                state = client.read_flow_run(run_id).state
+            except Exception:  # noqa: BLE001 - the API may be briefly away; look again
+                continue
+            if state is not None and state.is_cancelling():
+                _state["cancelled"] = True
+                begin_stop(signal.SIGTERM, "the flow run was cancelled from Prefect")
+                return
 
 
 def begin_stop(signum: int, reason: str | None = None) -> None:
@@ -130,8 +160,9 @@ def _deadline() -> None:
 
 
 def _report_crash() -> None:
-    """Best effort, briefly: the flow run is marked Crashed before the process ends on its own (not one
-    being cancelled: the worker that cancels it marks it Cancelled once the process is gone)."""
+    """Best effort, briefly: the flow run gets its final state before the process ends on its own:
+    Cancelled if it was cancelled from Prefect, else Crashed (not a run its worker is cancelling: the
+    worker marks it Cancelled once the process is gone)."""
     run_id = _state["flow_run"]
     if not run_id or "prefect" not in sys.modules:
         return
@@ -140,15 +171,18 @@ def _report_crash() -> None:
     def report():
         try:
             from prefect.client.orchestration import get_client
-            from prefect.states import Crashed
+            from prefect.states import Cancelled, Crashed
 
             with get_client(sync_client=True) as client:
                 state = client.read_flow_run(run_id).state
-                if state is not None and not state.is_final() and not state.is_cancelling():
-                    client.set_flow_run_state(run_id, Crashed(message=f"stopped: {STOPPING.reason}"), force=True)
+                if state is None or state.is_final() or (state.is_cancelling() and _state["supervised"]):
+                    return
+                final = Cancelled if _state["cancelled"] or state.is_cancelling() else Crashed
+                client.set_flow_run_state(run_id, final(message=f"stopped: {STOPPING.reason}"), force=True)
         except Exception as e:  # noqa: BLE001 - the process ends either way
-            log.warning("could not mark the flow run crashed: %s", e)
-        done.set()
+            log.warning("could not give the flow run its final state: %s", e)
+        finally:
+            done.set()
 
     threading.Thread(target=report, daemon=True).start()
     done.wait(2.0)
