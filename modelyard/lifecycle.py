@@ -109,17 +109,18 @@ def flow_run_started(run_id: str | None, supervised: bool = False) -> None:
     against a Prefect server, a thread watches the run's state for a cancel from the UI or API."""
     _state["flow_run"], _state["supervised"] = run_id, supervised
     if run_id and not supervised and os.environ.get("PREFECT_API_URL") and not _state.get("cancel_watch"):
-        _state["cancel_watch"] = True
-        threading.Thread(target=_watch_cancel, args=(run_id,), name="modelyard-cancel", daemon=True).start()
+        _state["cancel_watch"] = True  # one watcher a process; it follows the flow run under way
+        threading.Thread(target=_watch_cancel, name="modelyard-cancel", daemon=True).start()
 
 
-def _watch_cancel(run_id: str) -> None:
+def _watch_cancel() -> None:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         while not STOPPING.wait(CANCEL_POLL_S):
+            run_id = _state["flow_run"]
             try:
-                state = client.read_flow_run(run_id).state
+                state = client.read_flow_run(run_id).state if run_id and not _state["supervised"] else None
             except Exception:  # noqa: BLE001 - the API may be briefly away; look again
                 continue
             if state is not None and state.is_cancelling():

@@ -261,7 +261,8 @@ def plan(needs: list[ModelNeed], gpus: int, stage_names: list[str] | None = None
         seen = {n.name: [w for w, wave in enumerate(waves, 1) if n.name in wave.models] for n in needs}
         notes += [f"model {m!r} is used in waves {', '.join(map(str, ws))}: its servers are started again in each"
                   for m, ws in seen.items() if len(ws) > 1]
-    return Plan(gpus, waves, notes, names, memory, None if gpus else cpu_memory_gb, None if gpus else cpu_total_gb)
+    return Plan(gpus, waves, list(dict.fromkeys(notes)), names, memory, None if gpus else cpu_memory_gb,
+                None if gpus else cpu_total_gb)
 
 
 def _wave(needs, stages, users, reps, gpus, memory, reason) -> Wave:

@@ -278,12 +278,13 @@ def test_after_a_sigkill_nothing_the_run_started_outlives_it(tmp_path):
     def started(word: str) -> bool:
         return any(word in c and "--guard" not in c for _, c in seen.values())
 
-    while not (started("vllm.entrypoints.openai.api_server") and started("uvicorn")):
+    while not (started("vllm.entrypoints.openai.api_server") and started("-m uvicorn")):  # Prefect's API too
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
         seen.update(_descendants(proc.pid))
         time.sleep(0.1)
     time.sleep(0.5)
     seen.update(_descendants(proc.pid))
+    print("\n".join(f"  running at the SIGKILL: {cmd[:110]}" for _, cmd in seen.values()))
     proc.kill()
     proc.wait()
     t0 = time.monotonic()
