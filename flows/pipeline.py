@@ -12,7 +12,7 @@ import time
 from prefect import flow, get_run_logger, runtime
 from prefect.states import Cancelled
 
-from modelyard import lifecycle, pipeline
+from modelyard import lifecycle, pipeline, telemetry
 from modelyard.cost import wave_gpu_seconds
 from modelyard.models import open_models
 from modelyard.planner import plan_for
@@ -62,6 +62,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
         ui.gpu_plan(cfg, gpu_plan)
         waves = gpu_plan.waves
         TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards) * len(waves))
+        telemetry.begin()
         models: dict = {}
         calibrations: dict = {}  # cascade stage -> its fitted thresholds
         gpu_seconds: dict = {}  # managed model -> devices x seconds its servers were up
@@ -70,6 +71,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
             names = [cfg.stages[i].name for i in wave.stages]
             last = k == len(waves) - 1
             label = f"wave {k + 1} of {len(waves)} ({', '.join(names)}): " if len(waves) > 1 else ""
+            telemetry.event("wave", wave=k + 1, waves=len(waves), stages=names)
             known = None if last else pipeline.finished_wave(prepared, len(ids), k)
             if known is not None:
                 logger.info("%severy shard finished in an earlier attempt; its servers are not started", label)
@@ -128,6 +130,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                 gpu_seconds[m] = gpu_seconds.get(m, 0.0) + sec
         manifest = commit_output(prepared, job, plan, stats, run_id, started, start, gpu_seconds, calibrations)
     except BaseException as e:
+        telemetry.end()
         pipeline.lineage_fail(prepared, job, run_id, start, e)
         if lifecycle.cancelled():  # from Prefect's UI or API: the run ends Cancelled, not Failed
             return Cancelled(message=f"{lifecycle.STOPPING.reason}: nothing was committed; a re-run resumes")

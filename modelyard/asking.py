@@ -2,18 +2,21 @@
 
 Every stage strategy (one model, cascade, vote, route) is built from ``ask``; what it returns,
 an ``Answer``, is one model's attempt: its value or why it has none, what it cost in tokens and
-time, and (when asked for) how sure the model was. An answer is cached when it is valid, and a
-deterministic refusal (HTTP 400, such as a prompt longer than the context) is remembered too, so
-an unchanged re-run pays for neither again (``--retry-errors`` asks again).
+time, and (when asked for) how sure the model was. Every reply of a deterministic request is
+cached, valid or not (the same request gets the same reply), and so is a refusal (HTTP 400, such
+as a prompt longer than the context), so an unchanged re-run or a resume pays for none of them
+again; ``--retry-errors`` asks again what was invalid or refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelyard.batching import embed
 from modelyard.cache import RequestCache, deterministic, request_key
 from modelyard.client import Pool, RequestFailed, post
 from modelyard.confidence import confidence, logprob_params
@@ -27,12 +30,46 @@ REMEMBERED_STATUS = {400}  # the engine refused the request itself: the same req
 
 @dataclass
 class Context:
-    """What one pass over a shard shares: the HTTP session, the pools, the cache, the job."""
+    """What one pass over a shard shares: the HTTP session, the pools, the cache, the job, and the
+    cache's answers to the shard's first requests, read in one query (``prefetch``)."""
 
     client: Any
     pools: dict[str, Pool]
     cache: RequestCache | None
     job: Job
+    prefetched: dict[tuple[int, str], tuple[str, dict | None]] = field(default_factory=dict)
+    _flushing: asyncio.Future | None = field(default=None, repr=False)
+
+    def cache_key(self, st: Stage, model: str, path: str, body: dict[str, Any]) -> str | None:
+        """The request cache's key of ``body`` as ``ask`` sends it (None: not cached)."""
+        if self.cache is None or not (self.job.cache_nondeterministic or deterministic(path, body)):
+            return None
+        rt = self.job.models[model]
+        return request_key(rt.model_id, rt.revision, path, {**body, "model": rt.served_name})
+
+    def prefetch(self, st: Stage, model: str, requests: list[tuple[str, dict[str, Any]] | None]) -> None:
+        """Read the cached replies of many rows' requests to ``model`` at once; ``ask`` takes them."""
+        keys = {id(r[1]): self.cache_key(st, model, *r) for r in requests if r is not None}
+        found = self.cache.get_many([k for k in keys.values() if k], accept_truncated=not self.job.retry_truncated)
+        self.prefetched.update({(i, model): (k, found.get(k)) for i, k in keys.items() if k})
+
+    async def durable(self) -> None:
+        """Wait until every answer so far is on disk (one write for all rows waiting at once): a
+        cascade calls it before it sends a row on, so a killed run never asks that tier again."""
+        if self.cache is None:
+            return
+        if self._flushing is None:
+            loop = asyncio.get_running_loop()
+            self._flushing = fut = loop.create_future()
+
+            def flush() -> None:
+                self._flushing = None
+                try:
+                    self.cache.flush()
+                finally:
+                    fut.set_result(None)
+            loop.call_soon(flush)
+        await asyncio.shield(self._flushing)
 
 
 @dataclass
@@ -48,12 +85,12 @@ class Answer:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    latency_ms: float = 0.0
+    latency_ms: float | None = None
     attempts: int = 0
     cached: bool = False
     endpoint: str | None = None
     confidence: float | None = None
-    facts: dict = field(default_factory=dict)
+    malformed: bool = False  # the server's reply was not an OpenAI-shaped answer
 
     @property
     def truncated(self) -> bool:
@@ -71,53 +108,71 @@ async def ask(ctx: Context, st: Stage, model: str, path: str, body: dict[str, An
     """``model`` answers the stage's request ``body`` for one row (see the module docstring)."""
     job = ctx.job
     rt = job.models[model]
+    known = ctx.prefetched.pop((id(body), model), None) if ctx.prefetched and not (extra or want_confidence) else None
     body = {**body, "model": rt.served_name, **(extra or {})}
     if want_confidence and path != "/embeddings":
         body.update(logprob_params(st.cfg.api))
-    a = Answer(model)
-    cache, key, reply = ctx.cache, None, None
-    if cache is not None and (job.cache_nondeterministic or deterministic(path, body)):
-        key = request_key(rt.model_id, rt.revision, path, body)
-        reply = cache.get(key, accept_truncated=not job.retry_truncated)
-        if reply is not None and REFUSED in reply and job.retry_errors:
-            reply = None
-    if reply is not None:
-        a.cached, a.endpoint = True, "cache"
-        if REFUSED in reply:
-            a.failed, a.error = True, reply[REFUSED]["message"]
-            return a
-    elif job.cache_only:
+    cache, key = ctx.cache, None
+    if known is not None or cache is not None and (job.cache_nondeterministic or deterministic(path, body)):
+        if known is not None:
+            key, reply = known
+        else:
+            key = request_key(rt.model_id, rt.revision, path, body)
+            reply = cache.get(key, accept_truncated=not job.retry_truncated)
+        if reply is not None:
+            a = _answer(st, model, reply, want_confidence)
+            a.cached, a.endpoint, a.attempts, a.latency_ms = True, "cache", 0, 0.0
+            if a.ok or not job.retry_errors:  # --retry-errors asks again what failed last time
+                _reached(st, model)
+                return a
+    if job.cache_only:
         raise CacheMiss(st.name)
-    else:
-        try:
+    try:
+        if st.embed:  # gathered with other rows' inputs into requests of batch_size inputs
+            r = await embed(ctx.client, ctx.pools[model], path, body, batch_size=st.cfg.batch_size)
+        else:
             r = await post(ctx.client, ctx.pools[model], path, body)
-        except RequestFailed as e:
-            a.failed, a.attempts, a.error = True, e.attempts, explain(str(e))
-            if key is not None and e.status in REMEMBERED_STATUS:
-                cache.put(key, rt.model_id, rt.revision, path, {REFUSED: {"status": e.status, "message": a.error}},
-                          REFUSED)
-            return a
-        a.attempts, a.latency_ms, a.endpoint, reply = r.attempts, round(r.latency_ms, 3), r.endpoint, r.body
+    except RequestFailed as e:
+        a = Answer(model, failed=True, attempts=e.attempts, error=explain(str(e)))
+        if key is not None and e.status in REMEMBERED_STATUS:
+            cache.put(key, rt.model_id, rt.revision, path, {REFUSED: {"status": e.status, "message": a.error}},
+                      REFUSED)
+        return a
+    a = _answer(st, model, r.body, want_confidence)
+    a.attempts, a.latency_ms, a.endpoint = r.attempts, round(r.latency_ms, 3), r.endpoint
+    if key is not None and not a.malformed:
+        # valid or invalid, the same request gets the same reply: neither is paid for twice
+        cache.put(key, rt.model_id, rt.revision, path, r.body, a.finish_reason)
+    _reached(st, model)
+    return a
+
+
+def _answer(st: Stage, model: str, reply: dict[str, Any], want_confidence: bool) -> Answer:
+    """The answer a reply body holds (a remembered refusal, an invalid or a valid reply)."""
+    a = Answer(model)
+    if REFUSED in reply:
+        a.failed, a.error = True, reply[REFUSED]["message"]
+        return a
     try:
         value, facts = st.parse(reply)
     except OutputInvalid as e:
-        a.facts = _facts(reply)
+        _set_facts(a, _facts(reply))
         a.error, a.raw = str(e), e.raw
-        _set_facts(a, a.facts)
         return a
     except (KeyError, IndexError, TypeError) as e:
         a.error, a.raw = f"malformed reply from the server: {type(e).__name__}: {e}", str(reply)[:2000]
+        a.malformed = True
         return a
-    a.facts = facts
     _set_facts(a, facts)
     a.value, a.ok = value, True
     if want_confidence:
         a.confidence = confidence(reply, value, st.cfg.choice)
-    if key is not None and not a.cached:
-        cache.put(key, rt.model_id, rt.revision, path, reply, a.finish_reason)
+    return a
+
+
+def _reached(st: Stage, model: str) -> None:
     failpoint(f"reply:{st.name}")
     failpoint(f"reply:{st.name}@{model}")
-    return a
 
 
 def _set_facts(a: Answer, facts: dict) -> None:

@@ -6,7 +6,7 @@ are then answered by the request cache). Each `auto` threshold is then set, tier
 as keeps the cascade's answers equal to the last tier's on at least ``agreement`` of the sample:
 the sample may disagree with the last tier on at most (1 - agreement) of its rows, and the
 earlier, cheaper tiers spend that allowance first. A tier whose every sampled answer must go on
-gets a threshold above every confidence it gave. The judge is not asked on the sample; it can
+gets a threshold just above every confidence it gave. The judge is not asked on the sample; it can
 only send more rows on.
 """
 
@@ -21,8 +21,6 @@ import pyarrow.parquet as pq
 
 from modelyard.asking import Context
 from modelyard.templates import RenderError
-
-NONE_PASS = math.nextafter(1.0, 2.0)  # a threshold no confidence reaches
 
 
 def sample_rows(shard_sizes: list[int], rows: int, seed: int) -> list[tuple[int, int]]:
@@ -58,7 +56,8 @@ def fit(sample: list[dict[str, Any]], fixed: list[float | str | None], agreement
 
         if fixed[t] == "auto":
             candidates = sorted({0.0, *((rows[i]["tiers"][t]["confidence"] or 0.0) for i in remaining)})
-            theta = next((c for c in candidates if spent + wrong(accepted(c)) <= budget), NONE_PASS)
+            none = math.nextafter(candidates[-1], 2.0)  # just above every confidence: accepts none
+            theta = next((c for c in candidates if spent + wrong(accepted(c)) <= budget), none)
         else:
             theta = fixed[t]
         acc = accepted(theta)

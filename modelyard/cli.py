@@ -220,6 +220,30 @@ def inspect(
 
 
 @app.command()
+def report(
+    output: Annotated[list[str], typer.Argument(help="Committed output(s); or a partitioned dataset folder.")],
+    partitions: Annotated[bool, typer.Option("--partitions", help="Compare the committed partitions under "
+                                             "OUTPUT (found by themselves when OUTPUT has no manifest).")] = False,
+    to: Annotated[Optional[str], typer.Option("--out", help="Write the page here (default: _report.html in the "
+                                              "one folder named, else ./modelyard-report.html).")] = None,
+    open_: Annotated[bool, typer.Option("--open", help="Open the page in the web browser.")] = False,
+) -> None:
+    """Draw the run in pictures: one output's _report.html, or several partitions side by side."""
+    from modelyard.charts import write as write_report
+
+    try:
+        path, sources = write_report(output, to, partitions)
+    except UserError as e:
+        _fail(e)
+    what = f"{len(sources)} partitions side by side" if len(sources) > 1 else sources[0].label
+    out.print(f"report ({what}): {path}", highlight=False)
+    if open_:
+        import webbrowser
+
+        webbrowser.open(Path(path).resolve().as_uri() if "://" not in path else path)
+
+
+@app.command()
 def backfill(
     target: Annotated[str, typer.Argument(help="A config file (runs here, in order) or a deployment "
                                           "FLOW/NAME on the Prefect server (one flow run per partition).")],

@@ -15,18 +15,19 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import json
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Coroutine
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+import yarl
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -53,22 +54,31 @@ class _Transient(Exception):
         self.status = status
 
 
-@dataclass
+@dataclass(eq=False)
 class Endpoint:
     url: str  # base URL ending in /v1
     in_flight: int = 0
     served: int = 0
     down_until: float = 0.0
     failures: int = 0
+    _targets: dict = field(default_factory=dict, repr=False)
+
+    def target(self, path: str) -> yarl.URL:
+        """The request URL of ``path``, parsed once (aiohttp would parse a string per request)."""
+        u = self._targets.get(path)
+        if u is None:
+            u = self._targets[path] = yarl.URL(self.url + path)
+        return u
 
 
-@dataclass
+@dataclass(eq=False)
 class Pool:
     """The replicas of one model; requests go to the one with the fewest in flight.
 
     Requests beyond ``limit`` per endpoint wait in one FIFO queue and are handed a slot as one
     frees, so waiting costs nothing per waiter however many rows a shard holds (no polling by
     each waiter), and requests leave in the order they arrived. Used from the dispatcher's loop.
+    Its request headers (API key read from ``api_key_env`` once) and timeout are built once.
     """
 
     name: str
@@ -79,8 +89,17 @@ class Pool:
     retries: int = 3
     _waiters: deque = field(default_factory=deque, repr=False)
     _poller: asyncio.Task | None = field(default=None, repr=False)
+    _headers: dict | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.client_timeout = aiohttp.ClientTimeout(total=self.timeout)
 
     def _pick(self) -> Endpoint | None:
+        if not ENDPOINT_STATE and len(self.endpoints) == 1:  # the common case, without the lists below
+            e = self.endpoints[0]
+            return e if e.in_flight < self.limit else None
+        if not self.endpoints:  # a model known from the request cache only: nothing to send to
+            raise ModelGone(f"model {self.name!r} has no endpoint in this pass")
         now = time.monotonic()
         usable = [e for e in self.endpoints if e.url not in ENDPOINT_STATE]
         if not usable:
@@ -119,7 +138,8 @@ class Pool:
         ep.in_flight -= 1
         if served:
             ep.served += 1
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     def _wake(self) -> None:
         """Hand free slots to the waiters at the head of the queue."""
@@ -151,17 +171,12 @@ class Pool:
             await asyncio.sleep(0.25)
             self._wake()
 
-    @asynccontextmanager
-    async def slot(self):
-        ep = await self.acquire()
-        try:
-            yield ep
-        finally:
-            self.release(ep)
-
     def headers(self) -> dict[str, str]:
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        """The headers of every request of this pool: JSON, and the API key if one is set."""
+        if self._headers is None:
+            key = os.environ.get(self.api_key_env) if self.api_key_env else None
+            self._headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        return self._headers
 
 
 @dataclass
@@ -174,10 +189,8 @@ class Reply:
 
 # What can go wrong on the wire: worth another attempt, on this replica or another.
 TransportError = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
-
-
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, (_Transient, *TransportError))
+# Back-off before attempt n+1: 0.5 * 2**(n-1) s plus up to 1 s of jitter, at most 8 s.
+WAIT = wait_exponential_jitter(multiplier=0.5, max=8.0)
 
 
 def _describe(exc: BaseException, url: str) -> str:
@@ -191,49 +204,65 @@ def _describe(exc: BaseException, url: str) -> str:
 
 
 async def post(client: aiohttp.ClientSession, pool: Pool, path: str, body: dict[str, Any]) -> Reply:
-    """POST to the least busy replica; retry transient failures with backoff."""
-    attempts = 0
-    last_url = pool.endpoints[0].url
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(pool.retries + 1),
-        wait=wait_exponential_jitter(initial=0.5, max=8.0),
-        retry=retry_if_exception(_transient),
-        reraise=True,
-    )
+    """POST to the least busy replica; retry transient failures with backoff.
+
+    The body is encoded once for every attempt. A request answered at once costs one attempt and
+    nothing else: tenacity's retry loop is built only after a first transient failure."""
+    data = json.dumps(body).encode()
+    try:
+        return await _attempt(client, pool, path, data, 1)
+    except _Transient as first:
+        if pool.retries <= 0:
+            raise RequestFailed(f"{first} (after 1 attempts)", 1, first.status) from None
+        return await _retry(client, pool, path, data, first)
+
+
+async def _retry(client: aiohttp.ClientSession, pool: Pool, path: str, data: bytes, first: _Transient) -> Reply:
+    """Attempts 2.. after a transient failure of the first; tenacity waits between them."""
+    attempts = 1
+    pending: _Transient | None = first
+    retrying = AsyncRetrying(stop=stop_after_attempt(pool.retries + 1), wait=WAIT,
+                             retry=retry_if_exception_type(_Transient), reraise=True)
     try:
         async for attempt in retrying:
             with attempt:
+                if pending is not None:  # tenacity's attempt 1 is the one already made: it waits after it
+                    e, pending = pending, None
+                    raise e
                 attempts += 1
-                async with pool.slot() as ep:
-                    last_url = ep.url
-                    t0 = time.perf_counter()
-                    try:
-                        async with client.post(ep.url + path, json=body, headers=pool.headers(),
-                                               timeout=aiohttp.ClientTimeout(total=pool.timeout)) as r:
-                            status, raw = r.status, await r.read()
-                    except TransportError:
-                        ep.failures += 1
-                        ep.down_until = time.monotonic() + min(30.0, 0.5 * 2 ** ep.failures)
-                        raise
-                    ep.failures = 0
-                    latency = (time.perf_counter() - t0) * 1000
-                if status in TRANSIENT_STATUS:
-                    raise _Transient(f"{ep.url}{path} answered {status}: {_text(raw)[:300]}", status)
-                if status >= 400:
-                    raise RequestFailed(f"{ep.url}{path} answered {status}: {_error_text(raw)}", attempts, status)
-                try:
-                    reply = json.loads(raw)
-                except ValueError:
-                    raise RequestFailed(f"{ep.url}{path} answered {status} with a body that is not JSON: "
-                                        f"{_text(raw)[:300]!r}", attempts, status) from None
-                return Reply(reply, latency, attempts, ep.url)
-    except RequestFailed:
-        raise
+                return await _attempt(client, pool, path, data, attempts)
     except _Transient as e:
         raise RequestFailed(f"{e} (after {attempts} attempts)", attempts, e.status) from None
-    except TransportError as e:
-        raise RequestFailed(f"{_describe(e, last_url)} (after {attempts} attempts)", attempts) from None
     raise AssertionError("unreachable")
+
+
+async def _attempt(client: aiohttp.ClientSession, pool: Pool, path: str, data: bytes, attempts: int) -> Reply:
+    """One attempt on the least busy replica: a Reply, or _Transient (retry), or RequestFailed."""
+    ep = await pool.acquire()
+    try:
+        t0 = time.perf_counter()
+        try:
+            async with client.post(ep.target(path), data=data, headers=pool.headers(),
+                                   timeout=pool.client_timeout) as r:
+                status, raw = r.status, await r.read()
+        except TransportError as e:
+            ep.failures += 1
+            ep.down_until = time.monotonic() + min(30.0, 0.5 * 2 ** ep.failures)
+            raise _Transient(_describe(e, ep.url)) from None
+        ep.failures = 0
+        latency = (time.perf_counter() - t0) * 1000
+    finally:
+        pool.release(ep)
+    if status in TRANSIENT_STATUS:
+        raise _Transient(f"{ep.url}{path} answered {status}: {_text(raw)[:300]}", status)
+    if status >= 400:
+        raise RequestFailed(f"{ep.url}{path} answered {status}: {_error_text(raw)}", attempts, status)
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        raise RequestFailed(f"{ep.url}{path} answered {status} with a body that is not JSON: "
+                            f"{_text(raw)[:300]!r}", attempts, status) from None
+    return Reply(reply, latency, attempts, ep.url)
 
 
 def _text(raw: bytes) -> str:
@@ -251,6 +280,20 @@ def _error_text(raw: bytes) -> str:
     return _text(raw)[:500]
 
 
+# The row loop allocates a few containers per row and keeps every row of its shards alive while
+# they run; with CPython's default thresholds (700, 10, 10) the cyclic collector took 13-30 % of
+# the orchestrator's CPU per row (benchmarks/README.md). Raised once per process (never lowered),
+# and what is alive when the dispatcher starts (Prefect, pydantic, the imports) is frozen out of
+# the collections: it is never garbage, and walking it again at every full collection costs.
+GC_THRESHOLD = (100_000, 50, 100)
+
+
+def _tune_gc() -> None:
+    gc.freeze()
+    if gc.get_threshold()[0] < GC_THRESHOLD[0]:
+        gc.set_threshold(*GC_THRESHOLD)
+
+
 class Dispatcher:
     """An event loop in a daemon thread shared by every shard of this process."""
 
@@ -258,6 +301,7 @@ class Dispatcher:
     _instance: Dispatcher | None = None
 
     def __init__(self) -> None:
+        _tune_gc()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="modelyard-dispatcher", daemon=True)
         self.thread.start()
@@ -280,6 +324,7 @@ class Dispatcher:
             self._client = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
                 timeout=aiohttp.ClientTimeout(total=300.0, sock_connect=10.0),
+                cookie_jar=aiohttp.DummyCookieJar(),  # vLLM sets no cookies: skip the jar's work per request
             )
             atexit.register(self.close)
         return self._client
@@ -299,5 +344,14 @@ class Dispatcher:
             return self.pools[key]
 
     def run(self, coro: Coroutine) -> Any:
-        """Run a coroutine on the dispatcher loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        """Run a coroutine on the dispatcher loop and wait for its result.
+
+        When it returns (or raises), every reply the coroutine put in a request cache of this
+        process is written (``RequestCache.flush``): a shard's row loop run here has its cache
+        entries on disk before the shard writes its done record."""
+        from modelyard.cache import flush_all
+
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        finally:
+            flush_all()

@@ -26,6 +26,7 @@ MANIFEST = "_manifest.json"
 # In a folder of its own: a `*.parquet` glob over the output (DuckDB, datasets) must match parts only.
 ERRORS = "_errors/errors.parquet"
 LINEAGE = "_lineage/openlineage.jsonl"
+REPORT = "_report.html"  # drawn into the output just after its commit (modelyard.charts.write_report)
 
 
 def target_uri(output_uri: str, partition: str | None) -> str:

@@ -66,6 +66,9 @@ def choice_confidence(choice: dict[str, Any], label: str, choices: list[str]) ->
     may_stop = not any(c != label and c.encode().startswith(target) for c in choices)
     total, prefix, logp = 0.0, b"", 0.0
     for token, lp, alts in steps:
+        if prefix == target:  # the label is complete: what follows is the end of the reply (`</s>`)
+            logp += lp
+            continue
         if may_stop:
             for alt, alp in alts:
                 if alt != token and prefix + alt == target:

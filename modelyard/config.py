@@ -218,6 +218,11 @@ class StageConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="vLLM sampling params (temperature, max_tokens…).")
     when: str | None = Field(None, description="Jinja2 expression; rows where it is false are skipped, not dropped.")
     output: str = Field(pattern=IDENT, description="Name of the output column.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Embedding stages: inputs per /v1/embeddings request "
+                            "(rows keep their own lineage; a refused batch is split so only the bad row fails).")
+    truncate: bool = Field(False, description="Embedding stages: a text longer than the model's context is cut "
+                           "to it (vLLM's truncate_prompt_tokens) instead of becoming an error row; its lineage "
+                           "says finish_reason: length.")
 
     @field_validator("choice")
     @classmethod
@@ -437,6 +442,11 @@ class PipelineConfig(Strict):
                 continue
             if key == "judge.model":
                 continue
+            if m.task != "embed":
+                given = sorted({"batch_size", "truncate"} & st.model_fields_set)
+                if given:
+                    problems.append(f"stages[{i}].{given[0]}: only an embedding stage takes {given[0]}; model "
+                                    f"{name!r} generates")
             if m.task == "embed":
                 if st.input is None:
                     problems.append(f"stages[{i}]: model {name!r} embeds; give `input`, not a prompt")

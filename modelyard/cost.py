@@ -68,6 +68,7 @@ def run_cost(stage_stats: dict[str, dict], prices: dict[str, Any], gpu_seconds: 
     None when no model has a price."""
     if not any(p is not None for p in prices.values()):
         return None
+    gpu_seconds = {m: round(v, 3) for m, v in gpu_seconds.items()}  # as the manifest says them
     usage = usage_by_model(stage_stats)
     r = rates(prices, usage, gpu_seconds)
     by_model: dict[str, float] = {}
@@ -86,7 +87,7 @@ def run_cost(stage_stats: dict[str, dict], prices: dict[str, Any], gpu_seconds: 
         for m, c in stage_models.items():
             by_model[m] = by_model.get(m, 0.0) + c
     return {"total": _round(sum(by_stage.values())), "by_model": {m: _round(c) for m, c in by_model.items()},
-            "by_stage": by_stage, "rates": r, "gpu_seconds": {m: round(v, 3) for m, v in gpu_seconds.items()}}
+            "by_stage": by_stage, "rates": r, "gpu_seconds": gpu_seconds}
 
 
 def _all_last_tier(s: dict, r: dict, ran: int) -> float | None:

@@ -1,8 +1,8 @@
 """Named points where a test can kill this process for real: MODELYARD_FAILPOINT=NAME[:N].
 
 The N-th time the process reaches NAME (default the first), it sends itself SIGKILL: no clean-up,
-no finally blocks, exactly like a machine that dies. Unset (always, outside tests) it costs a
-dictionary lookup.
+no finally blocks, exactly like a machine that dies. The variable is read when the process
+starts; unset (always, outside tests) a failpoint costs one comparison.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ _counts: dict[str, int] = {}
 _lock = threading.Lock()
 
 
+SPEC = os.environ.get("MODELYARD_FAILPOINT")  # read once: failpoints sit on the per-row path
+
+
 def failpoint(name: str) -> None:
-    spec = os.environ.get("MODELYARD_FAILPOINT")
+    spec = SPEC
     if not spec:
         return
     target, _, nth = spec.rpartition(":")

@@ -55,6 +55,7 @@ class Job:
     wave_stages: tuple[int, ...] | None = None  # the stages of this wave; None: every stage
     cache_only: bool = False  # no server is up: a shard the cache cannot answer whole is left for later
     thresholds: dict[str, list[float | None]] = field(default_factory=dict)  # calibrated, by cascade stage
+    workers: int = 1  # processes that run shards at once (Ray, Dask): they split each endpoint's bound
     _stages: list[Stage] | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
@@ -95,13 +96,16 @@ class Job:
         return open_cache(self.cache_path) if self.cache_path else None
 
     def pools(self) -> dict[str, Pool]:
-        """A bounded pool per model the active stages may ask (every replica of it)."""
+        """A bounded pool per model the active stages may ask (every replica of it). With shards in
+        ``workers`` processes at once, each process gets its share of every endpoint's bound, so
+        that a server never sees more than ``max_in_flight`` from all of them together."""
         d = Dispatcher.get()
         out = {}
         for name in dict.fromkeys(m for st in self.active() for m in st.cfg.models_used):
             rt = self.models[name]
             m = self.config.models[name]
-            out[name] = d.pool(name, rt.endpoints, m.in_flight, m.api_key_env, m.timeout, m.retries)
+            limit = max(1, m.in_flight // max(1, self.workers))
+            out[name] = d.pool(name, rt.endpoints, limit, m.api_key_env, m.timeout, m.retries)
         return out
 
     def schema(self, input_schema: pa.Schema) -> pa.Schema:

@@ -123,12 +123,16 @@ def start_servers(loaded: LoadedConfig, jobs: list[tuple[str, int, Placement]]
                   ) -> tuple[dict[tuple[str, int], Server], list[str]]:
     """Start the servers of ``jobs``: side by side, except that servers sharing a GPU start one after
     another (vLLM sizes its KV cache from the GPU memory free while it profiles, assuming no other
-    process changes it meanwhile). Returns the servers started and an error per server that was not."""
+    process changes it meanwhile; vLLM's CPU backend is given its KV cache size and needs no such
+    care). Returns the servers started and an error per server that was not."""
+    from modelyard.serving import engine_is_cpu
+
     cfg = loaded.config
     started: dict[tuple[str, int], Server] = {}
     errors: list[str] = []
     if not jobs:
         return started, errors
+    cpu_engine = engine_is_cpu(engine_python(cfg.engine, loaded.base_dir))
     futures: dict[tuple[str, int], Future] = {}
 
     def start(n: str, i: int, placement: Placement, after: list[Future]) -> Server:
@@ -138,7 +142,8 @@ def start_servers(loaded: LoadedConfig, jobs: list[tuple[str, int, Placement]]
 
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="modelyard-start") as ex:
         for n, i, p in jobs:
-            after = [futures[(m, j)] for m, j, q in jobs[:jobs.index((n, i, p))] if set(q.devices) & set(p.devices)]
+            after = [] if cpu_engine else [futures[(m, j)] for m, j, q in jobs[:jobs.index((n, i, p))]
+                                           if set(q.devices) & set(p.devices)]
             futures[n, i] = ex.submit(start, n, i, p, after)
         for (n, i), f in futures.items():
             try:

@@ -157,6 +157,13 @@ def _stages_facet(head: dict, p: str) -> ModelyardStagesRunFacet:
                         "engine_version": m.get("engine_version"), "prompt_sha256": st.get("prompt_sha256"),
                         "params_sha256": st.get("params_sha256"), "output": st.get("output"),
                         "kind": st.get("kind"), **{k: st[k] for k in STAT_KEYS if k in st}}
+        if st.get("strategy", "single") != "single":  # a cascade, vote or route names every model it may ask
+            known = head.get("models") or {}
+            stages[name]["strategy"] = st["strategy"]
+            stages[name]["models"] = [{"name": n, "model": known.get(n, {}).get("model", n),
+                                       "model_revision": known.get(n, {}).get("revision")} for n in st.get("models", [])]
+            if st["strategy"] == "cascade":
+                stages[name]["thresholds"] = st.get("thresholds")
     return ModelyardStagesRunFacet(stages, (head.get("config") or {}).get("sha256"), head.get("job_key"), producer=p)
 
 

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from modelyard import __version__
+from modelyard import __version__, telemetry
+from modelyard.charts import write_report
 from modelyard.commit import merge, swap_in, target_uri, write_manifest
 from fsspec.core import url_to_fs
 
@@ -302,12 +303,14 @@ def commit(p: Prepared, job: Job, plan: Plan, shard_stats: list[dict], run_id: s
         **({"cost": cost} if cost else {}),
         "timing": {"started": _iso(started), "committed": _iso(time.time()), "wall_s": round(time.time() - started, 3),
                    "processing_s": round(wall, 3)},
+        "telemetry": telemetry.snapshot(),
     }
     _lineage_complete(p, manifest, in_schema, schema, start_event)
     write_manifest(p.staging, manifest)
     failpoint("before-swap")
     swap_in(p.staging, target)
     p.staging.fs.rm(p.staging.root, recursive=True)
+    write_report(target, manifest)  # after the commit point: pictures never delay (or fail) a commit
     return manifest
 
 

@@ -51,12 +51,13 @@ def print_stages(console: Console, manifest: dict[str, Any]) -> None:
         for name, s in manifest["stages"].items():
             note = stage_note(s)
             if note:
-                console.print(f"{name}: {note}", highlight=False)
+                console.print(f"{name}: {note}", highlight=False, soft_wrap=True)
     cost = manifest.get("cost")
     if cost:
         console.print("cost: total " + _money(cost["total"]) + "; by model " +
                       ", ".join(f"{m} {_money(c)}" for m, c in cost["by_model"].items()) + "; by stage " +
-                      ", ".join(f"{n} {_money(c)}" for n, c in cost["by_stage"].items()), highlight=False)
+                      ", ".join(f"{n} {_money(c)}" for n, c in cost["by_stage"].items()), highlight=False,
+                      soft_wrap=True)
 
 
 def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -75,18 +76,18 @@ def stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             "prompt_tokens": s["prompt_tokens"], "completion_tokens": s["completion_tokens"],
             "rows_per_s": s["rows_per_s"], "tokens_per_s": s["tokens_per_s"],
             "latency_ms_p50": s["latency_ms_p50"], "latency_ms_p95": s["latency_ms_p95"],
-            "cost": cost.get("total"), "cost_per_row": cost.get("per_row"), "note": stage_note(s),
+            "cost": cost.get("total"), "cost_per_row": cost.get("per_row"), "note": stage_note(s), "level": "stage",
         })
         for i, t in enumerate(s.get("tiers") or []):
             tm = manifest["models"][t["model"]]
             rows.append({
-                "stage": f"{name} [{_position(s)} {i}]", "strategy": s["strategy"], "model": tm["model"],
+                "stage": f"{name} {_position(s)} {i}", "strategy": s["strategy"], "model": tm["model"],
                 "revision": tm["revision"], "rows": t["asked"], "ran": t["answered"], "skipped": None,
                 "errors": None, "cached": None, "prompt_tokens": t["prompt_tokens"],
                 "completion_tokens": t["completion_tokens"], "rows_per_s": None, "tokens_per_s": None,
                 "latency_ms_p50": None, "latency_ms_p95": None, "cost": t.get("cost"), "cost_per_row":
                 round(t["cost"] / t["asked"], 10) if t.get("cost") is not None and t["asked"] else None,
-                "note": tier_note(s, i),
+                "note": tier_note(s, i), "level": "model",
             })
     return rows
 
@@ -128,7 +129,7 @@ def tier_note(s: dict, i: int) -> str:
 
 
 def tier_table(manifest: dict[str, Any]) -> Table | None:
-    rows = [r for r in stage_rows(manifest) if "[" in r["stage"]]
+    rows = [r for r in stage_rows(manifest) if r["level"] == "model"]
     if not rows:
         return None
     t = Table(title="models of cascade, vote and route stages")

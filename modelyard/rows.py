@@ -23,36 +23,86 @@ RowResult = tuple[dict, dict, list]  # (outputs, lineage by stage, error records
 
 async def run_rows(ctx: Context, stages: list[Stage], rows: list[dict], tracker: Tracker,
                    prior: list | None = None) -> list[RowResult]:
-    """Every row of the shard at once; the pools bound what is in flight. Results in row order.
+    """Every row of the shard; the pools bound what is in flight. Results in row order.
 
-    ``prior``: each row's (outputs, lineage, errors) from the stages of earlier waves."""
+    ``prior``: each row's (outputs, lineage, errors) from the stages of earlier waves.
+    The first stage's requests are rendered once for all rows (to order them, and to read the
+    request cache's answers for all of them in one query); a fixed set of workers then takes the
+    rows in that order, as many as the pools can have in flight (no task per row)."""
     results: list = [None] * len(rows)
+    first = prerender(stages[0], rows) if prior is None else None
+    if first is not None and ctx.cache is not None and stages[0].strategy.name == "single":
+        ctx.prefetch(stages[0], stages[0].cfg.model, [r for r in first if isinstance(r, tuple)])
+    order = launch_order(first) if first is not None and not ctx.job.cache_only else range(len(rows))
 
     async def one(i: int) -> None:
-        results[i] = await run_row(ctx, stages, rows[i], tracker, prior[i] if prior else None)
+        ready = first[i] if first is not None else None
+        results[i] = await run_row(ctx, stages, rows[i], tracker, prior[i] if prior else None, ready)
 
     if ctx.job.cache_only:  # nothing to wait for: one row after another, stopping at the first miss
-        for i in range(len(rows)):
+        for i in order:
             await one(i)
         return results
-    # Requests leave in the order the rows start (the pools queue FIFO): rows whose first prompts
-    # share a prefix go together, so the engine's prefix cache serves the shared part.
-    await asyncio.gather(*(one(i) for i in launch_order(stages[0], rows)))
+    todo = iter(order)
+
+    async def worker() -> None:
+        for i in todo:
+            await one(i)
+
+    await asyncio.gather(*(worker() for _ in range(min(len(rows), capacity(ctx, stages)))))
     return results
 
 
-def launch_order(st: Stage, rows: list[dict]) -> list[int]:
-    """Row indices sorted by the first stage's rendered prompt (input order where that is not cheap)."""
-    n = len(rows)
-    if n < 3 or st.embed or st.condition is not None:
-        return list(range(n))
-    keys = []
+def capacity(ctx: Context, stages: list[Stage]) -> int:
+    """Rows worth having in flight: every request slot of every model the stages ask filled (an
+    embedding slot holds a batch of rows), and a few more to take a slot as one frees."""
+    slots = 0
+    for st in stages:
+        for m in st.cfg.models_used:
+            pool = ctx.pools.get(m)
+            if pool is not None:
+                slots += pool.limit * max(1, len(pool.endpoints)) * (st.cfg.batch_size if st.embed else 1)
+    return max(8, slots + slots // 4)
+
+
+def prerender(st: Stage, rows: list[dict]) -> list | None:
+    """The first stage's (path, body) for every row, or the RenderError it raised, or None where
+    the row does not reach the request (its `when`, a null column: the row's own run decides).
+    None for a stage with a `when` (rendered row by row, after it)."""
+    if st.condition is not None:
+        return None
+    out: list = []
     for row in rows:
+        if any(row.get(v, 0) is None for v in st.prompt_reads):
+            out.append(None)
+            continue
         try:
-            keys.append((st.system.render(row) if st.system else "") + "\0" + st.template.render(row))
-        except Exception:  # noqa: BLE001 - the row's own run reports it
-            keys.append("")
+            out.append(st.request(row))
+        except RenderError as e:
+            out.append(e)
+    return out
+
+
+def launch_order(first: list) -> list[int]:
+    """Row indices sorted by their first prompt: requests leave in this order (the pools queue
+    FIFO), so rows whose prompts share a prefix go together and the engine's prefix cache serves
+    the shared part. Input order where there is nothing to sort by."""
+    n = len(first)
+    if n < 3:
+        return list(range(n))
+    keys = [_prompt(r) for r in first]
+    if not any(keys):
+        return list(range(n))
     return sorted(range(n), key=keys.__getitem__)
+
+
+def _prompt(ready) -> str:
+    if not isinstance(ready, tuple):
+        return ""
+    body = ready[1]
+    if "messages" in body:
+        return "\0".join(m["content"] for m in body["messages"])
+    return "" if "input" in body else str(body.get("prompt", ""))
 
 
 def _resume(job, prior) -> tuple[dict, dict, list, set, set, dict]:
@@ -71,8 +121,10 @@ def _resume(job, prior) -> tuple[dict, dict, list, set, set, dict]:
     return outputs, lineage, errors, failed, skipped, values
 
 
-async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker, prior=None) -> RowResult:
-    """The stages on one row, after those of ``prior``: (outputs, lineage by stage, error records)."""
+async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker, prior=None,
+                  ready=None) -> RowResult:
+    """The stages on one row, after those of ``prior``: (outputs, lineage by stage, error records).
+    ``ready``: the first stage's request, rendered already (or the RenderError it raised)."""
     job = ctx.job
     outputs: dict[str, Any] = {}
     lineage: dict[str, dict] = {}
@@ -103,7 +155,12 @@ async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker
                 nulls = sorted(v for v in st.prompt_reads if v in row and row[v] is None)
                 if nulls:
                     raise RenderError(f"column(s) {', '.join(nulls)} are null on this row")
-                path, body = st.request(row)
+                if ready is not None and st is stages[0]:
+                    if isinstance(ready, RenderError):
+                        raise ready
+                    path, body = ready
+                else:
+                    path, body = st.request(row)
                 if not _has_text(body):
                     raise RenderError("the rendered prompt is empty")
                 outcome = await st.strategy.answer(ctx, row, path, body)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from modelyard import telemetry
 from modelyard.errors import EngineError
 from modelyard.server_log import first_error
 
@@ -90,6 +91,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
         fh.close()
+        telemetry.event("server-start", model=self.served_name, port=self.port)
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -117,7 +119,7 @@ class Server:
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
                     self.healthy = True
-                    return
+                    return telemetry.event("server-healthy", model=self.served_name, port=self.port)
             except httpx.TransportError:
                 pass
             time.sleep(0.25)  # a refused connection costs nothing; the run starts as soon as it can
@@ -161,6 +163,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self._kill_tree()
                 self.proc.wait()
+            telemetry.event("server-stop", model=self.served_name, port=self.port)
             log.info("stopped vLLM for %s on port %d", self.served_name, self.port)
 
     def _kill_tree(self) -> None:

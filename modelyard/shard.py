@@ -125,6 +125,8 @@ def _tables(job: Job, stages: list, table: pa.Table, results: list) -> tuple[pa.
         values = [r[0][st.cfg.output] for r in results]
         if pa.types.is_dictionary(st.arrow_type):
             cols[st.cfg.output] = pa.array(values, pa.string()).dictionary_encode()
+        elif pa.types.is_fixed_size_list(st.arrow_type):
+            cols[st.cfg.output] = _vectors(values, st.arrow_type)
         else:
             cols[st.cfg.output] = pa.array(values, st.arrow_type)
     n = table.num_rows
@@ -139,3 +141,20 @@ def _tables(job: Job, stages: list, table: pa.Table, results: list) -> tuple[pa.
         for i, r in enumerate(results) for e in r[2]
     ]
     return out, pa.Table.from_pylist(err_rows, schema=ERRORS_SCHEMA)
+
+
+def _vectors(values: list, typ: pa.FixedSizeListType) -> pa.Array:
+    """Embeddings as a fixed-size list column, through one float32 block (a list of Python lists
+    into pa.array costs several times as much per row)."""
+    import numpy as np
+
+    block = np.zeros((len(values), typ.list_size), dtype=np.float32)
+    missing = []
+    for i, v in enumerate(values):
+        if v is None:
+            missing.append(True)
+        else:
+            block[i] = v
+            missing.append(False)
+    mask = pa.array(missing) if any(missing) else None
+    return pa.FixedSizeListArray.from_arrays(pa.array(block.ravel(), pa.float32()), type=typ, mask=mask)

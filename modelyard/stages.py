@@ -18,6 +18,8 @@ from typing import Any
 import jsonschema
 import pyarrow as pa
 
+from modelyard.batching import TRUNCATE
+from modelyard.batching import finish_reason as embedding_finish
 from modelyard.config import ModelConfig, StageConfig, stage_prompt, stage_schema
 from modelyard.errors import ConfigError
 from modelyard.templates import Condition, Template
@@ -158,7 +160,10 @@ class Stage:
         """The (path, body) of the request for one row; may raise RenderError."""
         text = self.template.render(row)
         if self.embed:
-            return "/embeddings", {"model": self.served_name, "input": text}
+            body = {"model": self.served_name, "input": text}
+            if self.cfg.truncate:  # cut to the model's context rather than refused (lineage says `length`)
+                body[TRUNCATE] = -1
+            return "/embeddings", body
         body: dict[str, Any] = {"model": self.served_name, **self.cfg.params}
         if self.cfg.api == "chat":
             messages = [{"role": "system", "content": self.system.render(row)}] if self.system else []
@@ -180,7 +185,7 @@ class Stage:
             vec = body["data"][0]["embedding"]
             if self.dimensions and len(vec) != self.dimensions:
                 raise OutputInvalid(f"embedding of {len(vec)} dimensions, expected {self.dimensions}", None)
-            facts.update(finish_reason="stop", completion_tokens=0)
+            facts.update(finish_reason=embedding_finish(body), completion_tokens=0)
             return vec, facts
         choice = body["choices"][0]
         text = choice["message"]["content"] if self.cfg.api == "chat" else choice["text"]

@@ -22,9 +22,12 @@ def shard_stats(stages, results: list) -> dict[str, dict]:
     return stats
 
 
+IDENTITIES = {"rule", "tier", "model", "when", "threshold"}  # name a thing; never summed
+
+
 def add(a: Any, b: Any) -> Any:
     """The sum of two shards' counts: numbers add, dicts add by key, lists add item by item;
-    anything else (a rule's text, a model's name) is kept from ``a``."""
+    what names a thing (a rule's index or text, a model) and anything else is kept from ``a``."""
     if a is None:
         return b
     if b is None:
@@ -34,7 +37,8 @@ def add(a: Any, b: Any) -> Any:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a + b
     if isinstance(a, dict) and isinstance(b, dict):
-        return {k: add(a.get(k), b.get(k)) for k in dict.fromkeys([*a, *b])}
+        return {k: (a.get(k, b.get(k)) if k in IDENTITIES else add(a.get(k), b.get(k)))
+                for k in dict.fromkeys([*a, *b])}
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [add(x, y) for x, y in zip(a, b)]
     return a

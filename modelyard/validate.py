@@ -7,6 +7,7 @@ from pathlib import Path
 from modelyard.config import LoadedConfig, stage_prompt
 from modelyard.errors import ConfigError, UserError
 from modelyard.stages import Stage
+from modelyard.strategies import strategy_for
 from modelyard.templates import variables_of
 
 BUILTINS = {"builtin:tiny-llama", "builtin:small-llama", "builtin:minilm"}
@@ -34,11 +35,23 @@ def check(loaded: LoadedConfig, *, raise_on_error: bool = False, input_columns: 
     available = set(input_columns or [])
     for i, sc in enumerate(cfg.stages):
         where = f"{path}: stages[{i}] ({sc.name})"
+        first = sc.models_used[0]
         try:
-            Stage(sc, cfg.models[sc.model], cfg.models[sc.model].model, Path(loaded.base_dir))
+            st = Stage(sc, cfg.models[first], cfg.models[first].model, Path(loaded.base_dir))
+            strategy_for(st, cfg, Path(loaded.base_dir))
         except ConfigError as e:
             problems.append(f"{where}: {e}")
         if input_columns is not None:
+            for key, source, expression, extra in _strategy_sources(sc, loaded.base_dir):
+                try:
+                    variables = variables_of(source, expression=expression)
+                except ConfigError as e:
+                    problems.append(f"{where}.{key}: {e}")
+                    continue
+                missing = sorted(variables - available - extra)
+                if missing:
+                    problems.append(f"{where}.{key}: reads {', '.join(map(repr, missing))}, which it does not have "
+                                    f"(it has: {', '.join(sorted(available | extra))})")
             for key, source, expression in (("prompt" if sc.input is None else "input", None, False),
                                             ("system", sc.system, False), ("when", sc.when, True)):
                 try:
@@ -61,3 +74,28 @@ def check(loaded: LoadedConfig, *, raise_on_error: bool = False, input_columns: 
     if problems and raise_on_error:
         raise ConfigError(f"{path}: {len(problems)} problem(s) in the config", problems)
     return problems
+
+
+def _strategy_sources(sc, base_dir) -> list[tuple[str, str, bool, set[str]]]:
+    """(key path, template or expression, is an expression, names it may read besides the row's
+    columns) of what a cascade or route reads: `escalate_when`, the judge, the route rules."""
+    out = []
+    if sc.escalate_when:
+        out.append(("escalate_when", sc.escalate_when, True, {sc.output}))
+    j = sc.judge
+    if j is not None:
+        prompt = j.prompt
+        if prompt is None:
+            try:
+                prompt = (Path(base_dir) / str(j.prompt_file)).read_text()
+            except OSError:
+                prompt = None  # the judge's compile step reports the missing file
+        if prompt is not None:
+            out.append(("judge.prompt", prompt, False, {sc.output}))
+        if j.system:
+            out.append(("judge.system", j.system, False, {sc.output}))
+        out.append(("judge.accept_when", j.accept_when, True, {sc.output, j.output}))
+    for k, r in enumerate(sc.route or []):
+        if r.when:
+            out.append((f"route[{k}].when", r.when, True, set()))
+    return out

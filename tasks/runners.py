@@ -50,3 +50,19 @@ def _project_path() -> str:
     from modelyard.serving import PROJECT
 
     return os.pathsep.join(p for p in (str(PROJECT), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def concurrent_workers(runner: TaskRunner) -> int:
+    """Processes that may run shard tasks at the same time: 1 for threads of this process (they
+    share its bound), the cluster's CPUs on Ray (one task per CPU), Dask's worker processes."""
+    name = type(runner).__name__
+    try:
+        if name == "RayTaskRunner":
+            import ray
+
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if name == "DaskTaskRunner":
+            return max(1, len(runner._client.scheduler_info()["workers"]))
+    except Exception:  # noqa: BLE001 - an unknown cluster shares nothing: the bound stays per process
+        return 1
+    return 1

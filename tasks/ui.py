@@ -4,6 +4,7 @@
 - a table artifact with one row per stage (model, revision, rows, skipped, errors, cached,
   tokens, rows/s, tokens/s, p50/p95 latency);
 - a markdown summary (output location, manifest facts) and a link artifact to the output;
+- the run in pictures (``<job>-report``): the charts of ``_report.html`` as markdown images;
 - events ``modelyard.stage.finished`` (one per stage) and ``modelyard.run.committed`` for automations.
 """
 
@@ -134,8 +135,9 @@ def publish_run(manifest: dict[str, Any]) -> None:
                              description=f"{job}: the committed output")
     except Exception as e:
         log.warning("could not create the run's artifacts: %s", e)
+    report_artifact(manifest)
     try:
-        for row in (r for r in stage_rows(manifest) if "[" not in r["stage"]):
+        for row in (r for r in stage_rows(manifest) if r["level"] == "stage"):
             emit_event(event="modelyard.stage.finished",
                        resource={"prefect.resource.id": f"modelyard.stage.{job}.{row['stage']}",
                                  "prefect.resource.name": f"{job}/{row['stage']}"},
@@ -147,3 +149,17 @@ def publish_run(manifest: dict[str, Any]) -> None:
                             "output": manifest["output"]["uri"], "params": manifest["params"]})
     except Exception as e:
         log.warning("could not emit the run's events: %s", e)
+
+
+def report_artifact(manifest: dict[str, Any]) -> None:
+    """The charts of the run's ``_report.html`` as a markdown artifact (the Prefect UI renders its images)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from modelyard.charts import artifact_markdown
+
+    job = manifest["job"]
+    try:
+        create_markdown_artifact(artifact_markdown(manifest), key=artifact_key(job, "report"),
+                                 description=f"{job}: the run in pictures (as in _report.html)")
+    except Exception as e:  # the UI is a view: never fail a run for it
+        log.warning("could not create the report artifact: %s", e)

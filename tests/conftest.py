@@ -37,7 +37,7 @@ def demo_config():
 
 @pytest.fixture(scope="session")
 def servers(demo_config):
-    """The demo's two models on real vLLM CPU servers, started side by side exactly as a run places
+    """The demo's three models on real vLLM CPU servers, started side by side exactly as a run places
     them (the planner's memory shares, through modelyard's own managed-server code): runs in this
     process of a config with the same models (the demo, the README's pipeline) reuse them."""
     from modelyard.models import server_jobs, start_servers
@@ -72,7 +72,7 @@ def prefect_server(tmp_path_factory):
         port = s.getsockname()[1]
     home = tmp_path_factory.mktemp("prefect-server-home")
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "true"}
+           "PREFECT_UI_ENABLED": "true", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "wb")  # noqa: SIM115
     exe = Path(sys.executable).with_name("prefect")
@@ -144,3 +144,10 @@ def kill_vllm(server) -> int:
     pid = vllm_process(server).pid
     os.kill(pid, signal.SIGKILL)
     return pid
+
+
+@pytest.fixture(scope="session")
+def small_server(servers):
+    """builtin:small-llama, the demo's second generative model (other weights, about four times
+    the parameters), for cascades and votes."""
+    return servers["small"]

@@ -21,6 +21,8 @@ LAST_LINES = {
     "throughput.py": rf"ratio_vs_raw={NUMBER} ratio_vs_run_batch={NUMBER} peak_rss_mb={NUMBER}",
     "memory.py": rf"rows=([0-9]+) peak_rss_mb={NUMBER} rss_ratio_vs_100k={NUMBER}",
     "overlap.py": rf"overlap_ratio={NUMBER}",
+    "orchestrator.py": rf"chat_rows_s={NUMBER} chat_ratio_vs_bare={NUMBER} embed_rows_s={NUMBER} "
+                       rf"cached_rows_s={NUMBER} peak_rss_mb={NUMBER}",
 }
 
 
@@ -34,3 +36,15 @@ def test_benchmark_quick(script, tmp_path):
     m = re.fullmatch(LAST_LINES[script], last)
     assert m, f"{script}: unexpected last line {last!r}"
     assert all(float(g) > 0 for g in m.groups()), last
+
+
+def test_cascade_benchmark_quick(servers, small_server):
+    """On the session's two generative servers (no server of its own)."""
+    urls = f"small={servers['tiny'].url},big={small_server.url}"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cascade.py"), "--quick", "--endpoints", urls],
+                       cwd=ROOT, capture_output=True, text=True, timeout=580)
+    assert r.returncode == 0, f"cascade.py exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    last = r.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(rf"small_acc={NUMBER} big_acc={NUMBER} best_cascade_acc={NUMBER} "
+                     rf"best_cascade_cost_vs_big={NUMBER} escalated=(\S+)", last)
+    assert m, f"cascade.py: unexpected last line {last!r}"

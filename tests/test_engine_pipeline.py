@@ -124,7 +124,7 @@ def test_manifest_and_metadata(demo_run):
     on_disk = json.loads((out / "_manifest.json").read_text())
     assert on_disk["run_id"] == manifest["run_id"]
     assert on_disk["config"]["text"] == (ROOT / "configs/demo.yaml").read_text()
-    assert set(on_disk["models"]) == {"tiny", "embedder"}
+    assert set(on_disk["models"]) == {"tiny", "small", "embedder"}
     for m in on_disk["models"].values():
         assert m["engine_version"].startswith("0.") and m["revision"]
     assert sum(f["rows"] for f in on_disk["files"]) == 300
@@ -214,3 +214,113 @@ output: {{uri: "{tmp_path / 'out'}"}}
     assert len(errs) == 40 and {e["stage"] for e in errs} == {"b"}
     assert all(f"cannot connect to {dead}" in e["error"] and e["attempts"] == 2 for e in errs)
     assert manifest["stages"]["b"]["errors"] == 40 and manifest["stages"]["a"]["errors"] == 0
+
+
+def test_demo_report_opens_offline_with_every_chart_drawn(demo_run, tmp_path):
+    """_report.html of the demo: every chart drawn in headless Chromium, its numbers those of the
+    manifest and the parts; the time series sampled during the run agree with the manifest."""
+    from tests.browser import rendered, screenshot
+    from tests.report_checks import check_report
+
+    manifest, out, _ = demo_run
+    page = out / "_report.html"
+    assert page.stat().st_size < 2_000_000
+    _, data = rendered(page)
+    ids = {c["id"] for c in data["charts"]}
+    assert {"throughput", "in-flight", "latency", "output-classify", "output-extract", "output-embed", "shares"} <= ids
+    assert check_report(data, {"demo-tickets": out}) == ids
+    tel = manifest["telemetry"]
+    assert len(tel["t"]) > 3 and max(v or 0 for s in tel["in_flight"].values() for v in s["values"]) > 0
+    assert {s["model"] for s in tel["in_flight"].values()} == {"tiny", "small", "embedder"}
+    screenshot(page.resolve().as_uri(), tmp_path / "demo-report.png")
+
+
+def test_the_demo_cascade_is_calibrated_and_costed(demo_run):
+    """The demo's `classify` cascade: thresholds fitted on 50 sampled rows, every row's path in its
+    lineage, and the GPU-hour prices split across the rows by tokens."""
+    manifest, out, _ = demo_run
+    st = manifest["stages"]["classify"]
+    cal = st["calibration"]
+    assert st["strategy"] == "cascade" and cal["rows"] == 50 and cal["agreement"] >= 0.5
+    assert st["thresholds"][0] == cal["thresholds"][0]
+    rows = ds.dataset(out, format="parquet").to_table(columns=["_lineage"]).to_pylist()
+    th = st["thresholds"][0]
+    for r in rows:
+        lin = r["_lineage"]["classify"]
+        first = lin["tiers"][0]
+        kept = first["reason"] == "accepted"
+        assert kept == (first["confidence"] is not None and first["confidence"] >= th)
+        assert lin["tier"] == (0 if kept else 1) and len(lin["tiers"]) == (1 if kept else 2)
+    events = [json.loads(x) for x in (out / "_lineage" / "openlineage.jsonl").read_text().splitlines()]
+    facet = events[-1]["run"]["facets"]["modelyard_stages"]["stages"]["classify"]
+    assert facet["strategy"] == "cascade" and [m["name"] for m in facet["models"]] == ["tiny", "small"]
+    assert [m["model"] for m in facet["models"]] == ["builtin:tiny-llama", "builtin:small-llama"]
+    cost = manifest["cost"]
+    assert set(cost["gpu_seconds"]) == {"tiny", "small", "embedder"} and all(v > 0 for v in cost["gpu_seconds"].values())
+    assert cost["total"] == pytest.approx(sum(cost["by_stage"].values()))
+    assert cost["by_model"]["tiny"] == pytest.approx(cost["gpu_seconds"]["tiny"] / 3600 * 0.50)
+    assert cost["by_model"]["small"] == pytest.approx(cost["gpu_seconds"]["small"] / 3600 * 1.20)
+
+
+def test_the_votes_and_route_config_runs_as_shown(servers, prefect_harness, tmp_path, monkeypatch):
+    """configs/together.yaml, as the README shows it, on the session's servers (same options)."""
+    from flows.pipeline import run_pipeline
+
+    monkeypatch.chdir(ROOT)
+    manifest = run_pipeline(config="configs/together.yaml", output=str(tmp_path / "out"))
+    table = ds.dataset(tmp_path / "out", format="parquet").to_table()
+    assert table.num_rows == 300
+    st = manifest["stages"]
+    assert st["topic"]["strategy"] == "vote" and sum(st["topic"]["agreement"].values()) == 300 - st["topic"]["errors"]
+    assert [t["asked"] for t in st["urgency"]["tiers"]] == [300, 300, 300]
+    long = sum(len(b) > 60 for b in table.column("body").to_pylist())
+    assert [r["rows"] for r in st["reply"]["routes"]] == [long, 300 - long]
+
+
+def test_embedding_refusals_are_remembered_and_truncate_cuts_instead(servers, prefect_harness, tmp_path, caplog):
+    """Texts over MiniLM's 256 tokens: error rows, remembered, so an unchanged re-run is answered by
+    the cache alone (no request, no server); `truncate: true` embeds them cut, and says so."""
+    import logging
+
+    from flows.pipeline import run_pipeline
+    from tests.conftest import requests_served
+
+    minilm = servers["embedder"]
+    rows = [{"id": i, "text": ("word " * (400 if i % 10 == 3 else 5)) + str(i)} for i in range(40)]
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def cfg(truncate: bool) -> Path:
+        p = tmp_path / f"c-{truncate}.yaml"
+        p.write_text(f"""
+name: refusals
+input: {{uri: "{data}", key: id}}
+shard_rows: 20
+models:
+  embedder: {{model: builtin:minilm, task: embed, serve: {{max_model_len: 256}}}}
+stages:
+  - {{name: embed, model: embedder, input: "{{{{ text }}}}", output: vec{", truncate: true" if truncate else ""}}}
+output: {{uri: "{tmp_path / ('out-cut' if truncate else 'out')}"}}
+engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
+""")
+        return p
+
+    long = [r["id"] for r in rows if r["id"] % 10 == 3]
+    m0 = requests_served(minilm)
+    first = run_pipeline(config=str(cfg(False)))
+    sent = requests_served(minilm) - m0
+    assert first["stages"]["embed"]["errors"] == len(long)
+    errs = pq.read_table(tmp_path / "out" / "_errors" / "errors.parquet").to_pylist()
+    assert sorted(int(e["_row_key"]) for e in errs) == long and all("too long" in e["error"] for e in errs)
+    assert sent < len(rows)  # batched: fewer requests than rows, the refused ones split out
+    caplog.set_level(logging.INFO)
+    again = run_pipeline(config=str(cfg(False)))
+    assert requests_served(minilm) - m0 == sent  # nothing asked again, the refusals included
+    assert again["stages"]["embed"]["cached"] == len(rows) and again["stages"]["embed"]["errors"] == len(long)
+    assert "2 of 2 shards answered by the request cache" in caplog.text  # so no server was started
+    cut = run_pipeline(config=str(cfg(True)))
+    assert cut["stages"]["embed"]["errors"] == 0
+    table = pq.read_table(tmp_path / "out-cut" / "part-00000.parquet").to_pylist()
+    for r in table:
+        lin = r["_lineage"]["embed"]
+        assert len(r["vec"]) == 384 and lin["finish_reason"] == ("length" if r["id"] in long else "stop")

@@ -291,11 +291,19 @@ def test_demo_config_needs(monkeypatch):
     from modelyard.config import load_config
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", {"date": "2026-11-27"}).config
-    assert [(n.name, n.used) for n in needs_from_config(cfg)] == [("embedder", (0,)), ("tiny", (1, 2, 3))]
+    assert [(n.name, n.used) for n in needs_from_config(cfg)] == [("embedder", (0,)), ("tiny", (1, 2, 3)),
+                                                                  ("small", (1,))]
     monkeypatch.setattr(devices, "cpu_memory_gb", lambda: (16.0, 12.0))
-    assert shape(planner.plan_for(cfg, 0)) == [([0, 1, 2, 3], {"embedder#0": [], "tiny#0": []})]
-    assert shape(planner.plan_for(cfg, 1)) == [([0], {"embedder#0": [0]}), ([1, 2, 3], {"tiny#0": [0]})]
-    assert shape(planner.plan_for(cfg, 1, gpu_memory=16)) == [([0, 1, 2, 3], {"embedder#0": [0], "tiny#0": [0]})]
+    assert shape(planner.plan_for(cfg, 0)) == [([0, 1, 2, 3], {"embedder#0": [], "tiny#0": [], "small#0": []})]
+    with pytest.raises(PlanError, match=r"stage 1:classify asks models tiny, small at once"):
+        planner.plan_for(cfg, 1)  # the cascade asks both: two whole GPUs
+    # 5 GiB: the cascade's two models share the GPU, the embedder gets its own wave
+    p = planner.plan_for(cfg, 1, gpu_memory=5)
+    assert shape(p) == [([0], {"embedder#0": [0]}), ([1, 2, 3], {"tiny#0": [0], "small#0": [0]})]
+    assert p.waves[1].reason.startswith("stage 1:classify needs tiny (2.1 GiB), small (2.1 GiB), which does not "
+                                        "fit beside embedder (2.1 GiB) on 1 GPU(s) of 5 GiB")
+    assert shape(planner.plan_for(cfg, 1, gpu_memory=16)) == [
+        ([0, 1, 2, 3], {"embedder#0": [0], "tiny#0": [0], "small#0": [0]})]
 
 
 def _fake_smi(tmp_path: Path, body: str) -> None:

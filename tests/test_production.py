@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.browser import dump_dom, rendered
 from tests.conftest import ROOT, run_cli
+from tests.report_checks import check_report
 from tests.test_openlineage import SPEC, check
 from tests.test_openlineage import spec as spec  # noqa: F401,PLC0414  (the validator fixture)
 
@@ -148,7 +151,8 @@ def test_deploy_backfill_artifacts_and_idempotency(project, prefect_server):
         run, arts = by_date[d]
         rows = 20 + 5 * i
         keys = {a.key: a for a in arts}
-        assert set(keys) == {"prod-daily-stages", "prod-daily-summary", "prod-daily-output", "prod-daily-progress"}
+        assert set(keys) == {"prod-daily-stages", "prod-daily-summary", "prod-daily-output", "prod-daily-progress",
+                             "prod-daily-report"}
         kinds = {"table": keys["prod-daily-stages"], "markdown": keys["prod-daily-summary"],
                  "link": keys["prod-daily-output"], "progress": keys["prod-daily-progress"]}
         assert kinds["table"].type == "table" and kinds["progress"].type == "progress"
@@ -166,6 +170,28 @@ def test_deploy_backfill_artifacts_and_idempotency(project, prefect_server):
         manifest = json.loads((part / "_manifest.json").read_text())
         assert manifest["run_id"] == str(run.id) and manifest["rows"] == rows
         assert pq.read_table(part / "part-00000.parquet").num_rows == rows
+        # the run in pictures: the same charts in _report.html and in the report artifact
+        _, page = rendered(part / "_report.html")
+        report = keys["prod-daily-report"]
+        assert report.type == "markdown"
+        images = re.findall(r"!\[([\w-]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", report.data)
+        assert [i for i, _ in images] == [c["id"] for c in page["charts"]]
+        assert check_report(page, {f"dt={d}": part}) == {c["id"] for c in page["charts"]}
+    # the Prefect UI draws the artifact's images (its own page is /artifacts/artifact/<id>)
+    ui = prefect_server.removesuffix("/api")
+    artifact = {a.key: a for a in by_date[DATES[0]][1]}["prod-daily-report"]
+    dom = dump_dom(f"{ui}/artifacts/artifact/{artifact.id}", offline=False, budget_ms=20000)
+    drawn = re.findall(r'<img[^>]+src="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom)
+    assert drawn == [b64 for _, b64 in re.findall(r"!\[([\w-]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)",
+                                                   artifact.data)]
+    # and `modelyard report` puts the three partitions side by side
+    r = run_cli("report", str(project["tmp"] / "out"), "--partitions")
+    assert r.returncode == 0 and "3 partitions side by side" in r.stdout, r.stdout + r.stderr
+    _, side = rendered(project["tmp"] / "out" / "_report.html")
+    parts = {f"dt={d}": project["tmp"] / "out" / f"dt={d}" for d in DATES}
+    assert {"throughput-rows", "latency", "output-classify", "shares"} <= check_report(side, parts)
+    rows_panel = next(c for c in side["charts"] if c["id"] == "throughput-rows")["panels"][0]
+    assert [line["label"] for line in rows_panel["lines"]] == list(parts)
 
     again = run_cli("backfill", project["name"], "--start", DATES[0], "--end", DATES[-1], env=project["env"])
     assert again.returncode == 0, again.stdout + again.stderr

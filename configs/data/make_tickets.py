@@ -21,7 +21,8 @@ KINDS = {
 }
 
 
-def tickets(n: int, seed: int = 7):
+def tickets(n: int, seed: int = 7, with_kind: bool = False):
+    """The tickets; ``with_kind`` keeps each one's true kind (benchmarks/cascade.py scores against it)."""
     rng = random.Random(seed)
     for i in range(n):
         kind = rng.choice(list(KINDS))
@@ -33,6 +34,7 @@ def tickets(n: int, seed: int = 7):
             "subject": " ".join(body.split(" ")[:5]),
             "body": body + ". " + rng.choice(["It is urgent.", "No rush.", "Please help.", ""]),
             "priority": rng.randint(1, 4),
+            **({"kind": kind} if with_kind else {}),
         }
 
 

@@ -1,7 +1,8 @@
 """Cascades: every row goes to the first tier; only the rows it is unsure of, or gets wrong, go on.
 
 A tier's answer moves the row on to the next tier when it failed, is invalid, was cut at
-max_tokens, has a confidence under the tier's ``min_confidence``, makes ``escalate_when`` hold,
+max_tokens (free text; a structured answer that is complete and valid counts as whole even when
+the end-of-text token did not fit), has a confidence under the tier's ``min_confidence``, makes ``escalate_when`` hold,
 or is rejected by the ``judge``; the last tier answers whatever reaches it. Each row moves on its
 own, so the next tier works on the rows escalated so far while the first still works on others.
 """
@@ -68,6 +69,8 @@ class Cascade(Strategy):
             e["reason"] = reason or "accepted"
             if reason is None:
                 return Outcome(a, tiers, i, a.confidence, asked)
+            if not all(x.cached for x in asked):
+                await ctx.durable()  # what this tier said is on disk before the next one is asked
         raise AssertionError("the last tier always answers")
 
     async def why_escalate(self, ctx: Context, row: dict[str, Any], i: int, a: Answer, tiers: list, asked: list
@@ -77,8 +80,8 @@ class Cascade(Strategy):
         if a.failed:
             return "failed"
         if not a.ok:
-            return "invalid"
-        if a.truncated:
+            return "truncated" if a.truncated else "invalid"
+        if a.truncated and self.stage.cfg.constraint is None:  # free text cut at max_tokens
             return "truncated"
         t = self.threshold(i)
         if t is not None and (a.confidence is None or a.confidence < t):

@@ -1,0 +1,285 @@
+"""The orchestrator's own rate: modelyard against an endpoint that answers at once.
+
+On a GPU the engine is fast and the orchestrator's cost per row is what limits a run. This
+script measures that cost alone, against an OpenAI-compatible endpoint that costs nothing
+measurable: Debian's nginx with fixed replies (``benchmarks/_instant.py``; chat replies are a
+valid ``choice`` answer, ``/v1/embeddings`` answers as many vectors as inputs). nginx runs one
+worker process, so on 2 cores the orchestrator has the other.
+
+What one run measures, on the same endpoint:
+
+1. **bare client**: a minimal asyncio aiohttp client sends the chat request modelyard's stage
+   sends, at a sweep of fixed concurrencies (default 16 32 64); the best is the baseline. It must
+   reach ``--min-bare`` req/s (default 4,000), or the machine is too busy to measure the
+   orchestrator and the script stops (exit 1). The same client on ``/v1/embeddings`` with one
+   input and with 32 inputs per request shows what the endpoint gives embeddings. The sweep's
+   best concurrency is measured again at the end, and the baseline is the mean of its two runs.
+2. **modelyard** (``flows.pipeline.run_pipeline`` in this process under Prefect's ephemeral API,
+   as ``modelyard run`` does; an ``endpoints:`` model with the bare client's best concurrency as
+   ``max_in_flight``; the request cache on, as by default) on a one-stage ``choice`` pipeline
+   and on a one-stage embed pipeline, at two input sizes (default 20,000 and 100,000 rows of
+   distinct texts). Each rate is **marginal**: (rows2 - rows1) / (time2 - time1), from the flow
+   call to its return, so the fixed cost of a run (Prefect's flow and subflow runs, planning,
+   commit) cancels.
+3. **cached**: the ``choice`` pipelines again, unchanged, every request answered by the request
+   cache (marginal too).
+4. **CPU time** of this process (all threads) during each run, and the marginal rows per
+   CPU-second: what a row costs the orchestrator, which other load on a shared machine moves
+   far less than wall time (printed beside the rates, not in the last line).
+5. **peak RSS** of this process (psutil, every 50 ms) during each modelyard run; every run of
+   the small size comes before any of the large one, so the ratio between the sizes' peaks
+   shows whether memory grows with the input.
+
+Prints a table of every measurement, then as the last line
+``chat_rows_s=N chat_ratio_vs_bare=R embed_rows_s=N cached_rows_s=N peak_rss_mb=M``
+(R: modelyard's marginal chat rows/s over the bare client's req/s). Exits 0 if it ran; it
+asserts nothing about time. Targets (issue 12): R >= 0.8 and chat >= 4,000; embed >= 10,000;
+cached >= 20,000; RSS ratio <= 1.2.
+
+    make bench-orchestrator                            # 20,000 and 100,000 rows, about 6 minutes
+    .venv/bin/python benchmarks/orchestrator.py --quick  # 1,000 and 4,000 rows, CI smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402  (sets Prefect's environment before anything imports it)
+import _instant as I  # noqa: E402
+
+PROMPT = "Classify this ticket: {{ text }}"
+PARAMS = {"temperature": 0, "max_tokens": 4}
+
+
+def texts(n: int, start: int = 0) -> list[str]:
+    """Distinct short ticket texts (so that no two rows share a cache key)."""
+    w = C.WORDS
+    return [f"Ticket {i}: my {w[i % len(w)]} stopped working after the {w[(i * 7 + 3) % len(w)]} update, "
+            f"please help." for i in range(start, start + n)]
+
+
+def write_input(path: Path, n: int, start: int = 0) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [f"t{i:07d}" for i in range(start, start + n)], "text": texts(n, start)}), path)
+    return path
+
+
+def config(path: Path, kind: str, data: Path, out: Path, url: str, in_flight: int, batch: int | None,
+           ray_workers: int | None = None) -> Path:
+    if kind == "chat":
+        model = {"model": I.CHAT, "endpoints": [url], "max_in_flight": in_flight}
+        stage = {"name": "label", "model": "m", "prompt": PROMPT, "choice": I.CHOICES, "params": PARAMS,
+                 "output": "label"}
+    else:
+        model = {"model": I.EMBED, "task": "embed", "endpoints": [url], "max_in_flight": in_flight}
+        stage = {"name": "embed", "model": "m", "input": "{{ text }}", "output": "embedding"}
+        if batch is not None:
+            stage["batch_size"] = batch
+    runner = {"runner": {"kind": "ray", "num_cpus": ray_workers}} if ray_workers else {}
+    return C.write_yaml(path, {"name": f"bench-orch-{kind}", "input": {"uri": str(data), "key": "id"},
+                               "models": {"m": model}, "stages": [stage], "output": {"uri": str(out)}, **runner})
+
+
+# -- the bare client --------------------------------------------------------------------------
+
+async def _bare(url: str, path: str, bodies: list[dict], concurrency: int, decode: bool = False) -> float:
+    """Fixed-concurrency workers over the bodies; returns the wall time. Any error stops it.
+    ``decode``: turn base64 vectors into float lists, as a client that uses them must."""
+    import array
+    import base64
+
+    import aiohttp
+
+    it = iter(bodies)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async def worker() -> None:
+            for body in it:
+                async with session.post(url + path, json=body) as r:
+                    r.raise_for_status()
+                    reply = await r.json()
+                if decode:
+                    for d in reply["data"]:
+                        array.array("f", base64.b64decode(d["embedding"])).tolist()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - t0
+
+
+def bare(url: str, kind: str, n: int, concurrency: int, per_request: int = 1, encoding: str | None = None) -> dict:
+    """``n`` rows through the bare client; rows/s and requests/s. Embeddings: ``per_request``
+    inputs per request, as float lists or (``encoding="base64"``) base64, decoded to floats."""
+    rows = texts(n, start=10_000_000)
+    if kind == "chat":
+        path = "/chat/completions"
+        bodies = [{"model": I.CHAT, **PARAMS, "messages": [{"role": "user", "content": f"Classify this ticket: {t}"}],
+                   "structured_outputs": {"choice": I.CHOICES}} for t in rows]
+    else:
+        path = "/embeddings"
+        groups = [rows[i:i + per_request] for i in range(0, n, per_request)]
+        bodies = [{"model": I.EMBED, "input": g if per_request > 1 else g[0],
+                   **({"encoding_format": encoding} if encoding else {})} for g in groups]
+    c0 = _cpu()
+    wall = asyncio.run(_bare(url, path, bodies, concurrency, decode=encoding == "base64"))
+    return {"rows": n, "wall": wall, "cpu": _cpu() - c0, "rows_s": n / wall, "req_s": len(bodies) / wall}
+
+
+# -- modelyard --------------------------------------------------------------------------------
+
+def modelyard(cfg: Path, out: Path, stage: str) -> dict:
+    """One in-process flow run; wall time to the flow's return, peak RSS, the stage's counts."""
+    with C.RssSampler() as rss:
+        c0, t0 = _cpu(), time.perf_counter()
+        manifest = C.run_flow(cfg)
+        wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    st = manifest["stages"][stage]
+    return {"rows": manifest["rows"], "wall": wall, "rows_s": manifest["rows"] / wall, "rss": rss.peak_mb,
+            "cpu": cpu, "errors": st["errors"], "cached": st["cached"], "shards": manifest["input"]["shards"]}
+
+
+def _cpu() -> float:
+    """CPU seconds this process has used (every thread): what a row costs the orchestrator, which
+    other processes on the machine slow down far less than they slow down wall time."""
+    t = os.times()
+    return t.user + t.system
+
+
+def marginal(small: dict, big: dict, key: str = "wall") -> float:
+    """(rows2 - rows1) / (time2 - time1): the rate with a run's fixed cost taken out. A quick run
+    that is too short to tell (the difference lost in noise) gives the large run's plain rate.
+    ``key="cpu"``: rows per CPU-second of this process instead of per second."""
+    dt = big[key] - small[key]
+    return (big["rows"] - small["rows"]) / dt if dt > 0 else big["rows"] / big[key]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs=2, default=None, help="rows of the two inputs (default 20000 100000)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None,
+                    help="bare-client sweep (default 16 32 64; 64 with --quick)")
+    ap.add_argument("--bare-n", type=int, default=None, help="requests per bare-client run (default 20000)")
+    ap.add_argument("--min-bare", type=float, default=None,
+                    help="least bare req/s to go on measuring (default 4000; 0 with --quick)")
+    ap.add_argument("--in-flight", type=int, default=None, help="modelyard's max_in_flight (default: the best c)")
+    ap.add_argument("--batch-size", type=int, default=None, help="the embed stage's batch_size (default: its default)")
+    ap.add_argument("--dimensions", type=int, default=384, help="embedding dimension (default 384, MiniLM's)")
+    ap.add_argument("--only", nargs="+", choices=["chat", "cached", "embed"], default=None,
+                    help="measure only these modelyard pipelines (for profiling)")
+    ap.add_argument("--ray", action="store_true",
+                    help="also the chat pipeline on a local Ray cluster of 1 and of 2 workers (marginal rows/s; "
+                    "every worker gets its share of max_in_flight)")
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: small inputs, one sweep point")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    a = ap.parse_args()
+    sizes = a.sizes or ([1_000, 4_000] if a.quick else [20_000, 100_000])
+    sweep = a.concurrency or ([64] if a.quick else [16, 32, 64])
+    bare_n = a.bare_n or (3_000 if a.quick else 20_000)
+    min_bare = a.min_bare if a.min_bare is not None else (0 if a.quick else 4_000)
+    only = set(a.only or ["chat", "cached", "embed"])
+    if "cached" in only:
+        only.add("chat")
+    rows: list[dict] = []
+
+    with C.workdir("modelyard-bench-orch-", a.keep) as work, I.instant_endpoint(work, a.dimensions) as url:
+        os.environ["PREFECT_HOME"] = str(work / "prefect")
+        os.environ.pop("PREFECT_API_URL", None)
+        C.log(f"instant endpoint at {url}")
+        bare(url, "chat", min(bare_n, 2_000), sweep[-1])  # warm-up
+        first = {}
+        for c in sweep:
+            r = first[c] = bare(url, "chat", bare_n, c)
+            rows.append({"system": f"bare aiohttp chat c={c}", **r})
+            C.log(f"bare chat c={c}: {r['req_s']:.0f} req/s")
+        best_c = max(sweep, key=lambda c: first[c]["req_s"])
+        if first[best_c]["req_s"] < min_bare:
+            print(f"the bare client reached {first[best_c]['req_s']:.0f} req/s, under --min-bare {min_bare:.0f}: "
+                  f"the machine is too busy to measure the orchestrator (uptime: load {load()})")
+            return 1
+        for per, enc in ((1, None), (32, None), (32, "base64")):
+            r = bare(url, "embed", bare_n, best_c, per, enc)
+            what = f"{per}/request" + (f" {enc}" if enc else "")
+            rows.append({"system": f"bare aiohttp embed c={best_c}, {what}", **r})
+            C.log(f"bare embed {what}: {r['rows_s']:.0f} rows/s")
+        in_flight = a.in_flight or best_c
+        # untimed warm-up: Prefect's ephemeral API, imports, the first flow run's one-off costs
+        warm = write_input(work / "warm.parquet", 2_000, start=20_000_000)
+        C.run_flow(config(work / "warm.yaml", "chat", warm, work / "out-warm", url, in_flight, None))
+        got: dict[tuple[str, int], dict] = {}
+        for n in sizes:  # every small run before any large one (RSS)
+            data = write_input(work / f"in-{n}.parquet", n)
+            plan = [("chat", "chat", "label"), ("cached", "chat", "label"), ("embed", "embed", "embed")]
+            for what, kind, stage in plan:
+                if what not in only:
+                    continue
+                out = work / f"out-{kind}-{n}"
+                cfg = config(work / f"{kind}-{n}.yaml", kind, data, out, url, in_flight, a.batch_size)
+                r = got[(what, n)] = modelyard(cfg, out, stage)
+                note = f"{r['shards']} shards, in flight {in_flight}, {r['cached']} cached, {r['errors']} errors"
+                rows.append({"system": f"modelyard {what} {n} rows", **r, "note": note})
+                C.log(f"modelyard {what} {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s, {r['cpu']:.1f} CPU-s, "
+                      f"peak RSS {r['rss']:.0f} MB; {note})")
+        for workers in ((1, 2) if a.ray else ()):
+            for n in sizes:
+                data = work / f"in-{n}.parquet"
+                if not data.exists():
+                    write_input(data, n)
+                out = work / f"out-ray{workers}-{n}"
+                cfg = config(work / f"ray{workers}-{n}.yaml", "chat", data, out, url, in_flight, None, workers)
+                r = got[(f"ray{workers}", n)] = modelyard(cfg, out, "label")
+                rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), {n} rows", **r,
+                             "note": f"{r['shards']} shards, in flight {in_flight} in all"})
+                C.log(f"modelyard chat on Ray ({workers}) {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s)")
+        again = bare(url, "chat", bare_n, best_c)
+        rows.append({"system": f"bare aiohttp chat c={best_c} (again)", **again})
+    bare_rate = statistics.mean([first[best_c]["req_s"], again["req_s"]])
+    rate = {w: marginal(got[(w, sizes[0])], got[(w, sizes[1])]) for w in ("chat", "cached", "embed") if w in only}
+    bare_cpu = statistics.mean([first[best_c]["rows"] / first[best_c]["cpu"], again["rows"] / again["cpu"]])
+    for w, v in rate.items():
+        per_cpu = marginal(got[(w, sizes[0])], got[(w, sizes[1])], "cpu")
+        rows.append({"system": f"modelyard {w}, marginal {sizes[0]}->{sizes[1]}", "rows_s": v,
+                     "note": f"{v / bare_rate:.3f} x bare; {per_cpu:.0f} rows/CPU-s, {per_cpu / bare_cpu:.3f} x bare"})
+    for workers in ((1, 2) if a.ray else ()):
+        v = marginal(got[(f"ray{workers}", sizes[0])], got[(f"ray{workers}", sizes[1])])
+        rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), marginal {sizes[0]}->{sizes[1]}",
+                     "rows_s": v, "note": f"{v / bare_rate:.3f} x bare (Ray's start cancels out)"})
+    peaks = {n: max(got[(w, n)]["rss"] for w in only) for n in sizes}
+    print(C.table([fmt(r) for r in rows], ["system", "rows", "wall_s", "cpu_s", "rows_s", "req_s", "rss_mb", "note"]))
+    print("cpu_s: CPU time of this process (all its threads) during the run; rows per CPU-second is what a row "
+          "costs the orchestrator, far less moved by other load on the machine than rows/s")
+    print(f"bare baseline: c={best_c}, mean of its first run and its run at the end: {bare_rate:.0f} req/s, "
+          f"{bare_cpu:.0f} requests per CPU-second of this process")
+    print(f"peak RSS (this process, psutil every 50 ms): {peaks[sizes[0]]:.0f} MB at {sizes[0]} rows, "
+          f"{peaks[sizes[1]]:.0f} MB at {sizes[1]} rows, ratio {peaks[sizes[1]] / peaks[sizes[0]]:.3f}")
+    print(f"load average at the end: {load()}")
+    print(f"chat_rows_s={rate.get('chat', 0):.0f} chat_ratio_vs_bare={rate.get('chat', 0) / bare_rate:.3f} "
+          f"embed_rows_s={rate.get('embed', 0):.0f} cached_rows_s={rate.get('cached', 0):.0f} "
+          f"peak_rss_mb={max(peaks.values()):.0f}")
+    return 0
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def fmt(r: dict) -> dict:
+    out = {"system": r["system"], "note": r.get("note", "")}
+    for k, col, f in (("rows", "rows", "{:d}"), ("wall", "wall_s", "{:.2f}"), ("cpu", "cpu_s", "{:.2f}"),
+                      ("rows_s", "rows_s", "{:.0f}"),
+                      ("req_s", "req_s", "{:.0f}"), ("rss", "rss_mb", "{:.0f}")):
+        if k in r:
+            out[col] = f.format(r[k])
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

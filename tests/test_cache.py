@@ -1,0 +1,123 @@
+"""The request cache: buffered writes, what another process sees and when, stored forms."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import sqlite3
+import zlib
+
+import pytest
+
+from modelyard import cache as cache_mod
+from modelyard.cache import RequestCache, decode_reply, encode_reply, open_cache, request_key
+from modelyard.client import Dispatcher
+
+CHAT = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
+        "content": "bug"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 9, "completion_tokens": 1}}
+
+
+def embedding_reply(values: list[float]) -> dict:
+    return {"id": "e1", "object": "list", "created": 1, "model": "m",
+            "data": [{"index": 0, "object": "embedding", "embedding": values}],
+            "usage": {"prompt_tokens": 5, "total_tokens": 5, "completion_tokens": 0}}
+
+
+def on_disk(path) -> dict[str, tuple]:
+    """What another process reads from the file now."""
+    with sqlite3.connect(path) as c:
+        return {k: (fr, blob) for k, fr, blob in c.execute("select key, finish_reason, reply from replies")}
+
+
+def key(i: int) -> str:
+    return request_key("m", "r", "/chat/completions", {"model": "x", "messages": [{"role": "user", "content": str(i)}]})
+
+
+def test_put_is_seen_at_once_here_and_on_disk_after_a_flush(tmp_path):
+    c = RequestCache(tmp_path / "c.sqlite")
+    c.put(key(1), "m", "r", "/chat/completions", CHAT, "stop")
+    assert c.get(key(1)) == CHAT
+    assert on_disk(tmp_path / "c.sqlite") == {}
+    c.flush()
+    assert list(on_disk(tmp_path / "c.sqlite")) == [key(1)]
+    assert RequestCache(tmp_path / "c.sqlite").get(key(1)) == CHAT  # a fresh object reads the file
+
+
+def test_the_buffer_is_written_when_full_or_old(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "FLUSH_ROWS", 10)
+    c = RequestCache(tmp_path / "c.sqlite")
+    for i in range(9):
+        c.put(key(i), "m", "r", "/chat/completions", CHAT, "stop")
+    assert len(on_disk(tmp_path / "c.sqlite")) == 0
+    c.put(key(9), "m", "r", "/chat/completions", CHAT, "stop")
+    assert len(on_disk(tmp_path / "c.sqlite")) == 10
+    monkeypatch.setattr(cache_mod, "FLUSH_SECONDS", 0.0)
+    c.put(key(10), "m", "r", "/chat/completions", CHAT, "stop")
+    assert len(on_disk(tmp_path / "c.sqlite")) == 11
+
+
+def test_truncated_entries_are_refused_when_asked_buffered_or_not(tmp_path):
+    c = RequestCache(tmp_path / "c.sqlite")
+    cut = {**CHAT, "choices": [{**CHAT["choices"][0], "finish_reason": "length"}]}
+    c.put(key(1), "m", "r", "/chat/completions", cut, "length")
+    assert c.get(key(1), accept_truncated=False) is None and c.get(key(1)) == cut
+    c.flush()
+    assert c.get(key(1), accept_truncated=False) is None and c.get(key(1)) == cut
+    assert c.get_many([key(1)], accept_truncated=False) == {}
+
+
+def test_get_many_reads_buffer_and_file(tmp_path):
+    c = RequestCache(tmp_path / "c.sqlite")
+    for i in range(1200):
+        c.put(key(i), "m", "r", "/chat/completions", {**CHAT, "id": str(i)}, "stop")
+    c.flush()
+    c.put(key(5000), "m", "r", "/chat/completions", {**CHAT, "id": "5000"}, "stop")
+    got = c.get_many([key(i) for i in (*range(0, 1200, 3), 5000, 9999)])
+    assert sorted(int(v["id"]) for v in got.values()) == [*range(0, 1200, 3), 5000]
+    assert all(got[key(int(v["id"]))] is v for v in got.values())
+
+
+def test_dispatcher_run_flushes_every_open_cache(tmp_path):
+    c = open_cache(str(tmp_path / "d.sqlite"))
+
+    async def rows():
+        for i in range(3):
+            c.put(key(i), "m", "r", "/chat/completions", CHAT, "stop")
+            await asyncio.sleep(0)
+
+    Dispatcher.get().run(rows())
+    assert len(on_disk(tmp_path / "d.sqlite")) == 3
+
+
+@pytest.mark.parametrize("reply", [
+    CHAT,
+    {"id": "long", "text": "x" * 5000},
+    embedding_reply(array.array("f", [i / 7 - 20 for i in range(384)]).tolist()),  # float32 values, as vLLM's
+    embedding_reply([0.1, 1e-310, -2.5e300, 1 / 3]),  # any double: stored exactly
+    {"data": [{"embedding": "base64 text"}]},
+])
+def test_stored_forms_give_back_the_same_reply(tmp_path, reply):
+    assert decode_reply(encode_reply(reply)) == reply
+    c = RequestCache(tmp_path / "c.sqlite")
+    c.put(key(1), "m", "r", "/embeddings", reply, "stop")
+    c.flush()
+    assert RequestCache(tmp_path / "c.sqlite").get(key(1)) == reply
+
+
+def test_small_replies_are_plain_json_large_ones_compressed_vectors_binary():
+    assert encode_reply(CHAT) == json.dumps(CHAT, separators=(",", ":")).encode()
+    assert zlib.decompress(encode_reply({"t": "x" * 5000})) == json.dumps({"t": "x" * 5000}, separators=(",", ":")).encode()
+    vec = embedding_reply(array.array("f", [i / 7 - 20 for i in range(384)]).tolist())
+    blob = encode_reply(vec)
+    assert blob.startswith(cache_mod.VECTORS) and 384 * 8 < len(blob) < 384 * 8 + 300 < len(json.dumps(vec)) / 2
+
+
+def test_entries_written_by_earlier_versions_are_read(tmp_path):
+    """Earlier versions stored zlib-compressed JSON for every reply."""
+    path = tmp_path / "old.sqlite"
+    RequestCache(path)
+    with sqlite3.connect(path) as c:
+        c.execute("insert into replies values (?, 'm', 'r', '/chat/completions', 'stop', ?, 0, 0)",
+                  (key(1), zlib.compress(json.dumps(CHAT, separators=(",", ":")).encode(), 3)))
+    assert RequestCache(path).get(key(1)) == CHAT
