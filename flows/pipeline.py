@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger, runtime
+from prefect.states import Cancelled
 
-from modelyard import pipeline, telemetry
+from modelyard import lifecycle, pipeline, telemetry
 from modelyard.cost import wave_gpu_seconds
 from modelyard.models import open_models
 from modelyard.planner import plan_for
@@ -34,13 +35,20 @@ def _run_name() -> str:
 @flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int | None = None,
                  output: str | None = None, retry_truncated: bool = False, timezone: str = "UTC",
-                 runner: str | None = None, gpus: int | None = None, retry_errors: bool = False) -> dict:
+                 runner: str | None = None, gpus: int | None = None, retry_errors: bool = False,
+                 gpu_memory: float | None = None) -> dict:
     """Run the pipeline of CONFIG once and return its manifest.
 
     `params` fill the config's {placeholders}; `date` defaults to the scheduled date of the run in
-    `timezone`, so a scheduled or backfilled run reads and writes its own partition.
+    `timezone`, so a scheduled or backfilled run reads and writes its own partition. `gpus` and
+    `gpu_memory` (GiB per GPU) plan the managed servers for other GPUs than this machine's.
+    SIGTERM (a cancel from Prefect, a worker or Kubernetes stopping it) stops its servers at once.
     """
     started = time.time()
+    # a deployment's flow process ends itself if unwinding takes more than a few seconds
+    lifecycle.watch(deadline=runtime.deployment.id is not None)
+    lifecycle.flow_run_started(runtime.flow_run.id and str(runtime.flow_run.id),
+                               supervised=runtime.deployment.id is not None)
     logger = get_run_logger()
     loaded = pipeline.load(config, params, output, runtime.flow_run.scheduled_start_time, timezone)
     prepared = pipeline.prepare(loaded, limit)
@@ -50,7 +58,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     ui.tag_run(pipeline.run_tags(cfg))
     try:
         plan = plan_shards(prepared)  # before any server starts: input errors surface in seconds
-        gpu_plan = plan_for(cfg, gpus)
+        gpu_plan = plan_for(cfg, gpus, gpu_memory, loaded.base_dir)
         ui.gpu_plan(cfg, gpu_plan)
         waves = gpu_plan.waves
         TRACKER.reset([s.name for s in cfg.stages], plan.rows, len(plan.shards) * len(waves))
@@ -99,8 +107,9 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                     pipeline.save_wave_models(prepared, k, cached)
                 stats = [hit[i] for i in ids]
                 continue
+            lifecycle.check()  # a signal during the cache pass or an earlier wave: start nothing more
             up_since = time.time()
-            with open_models(loaded, only=used, gpus=gpus, wave=k) as (up, warnings):
+            with open_models(loaded, only=used, gpus=gpus, wave=k, gpu_memory=gpu_memory) as (up, warnings):
                 for w in warnings:
                     logger.warning(w)
                 pipeline.remember_models(loaded, up)
@@ -123,6 +132,8 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     except BaseException as e:
         telemetry.end()
         pipeline.lineage_fail(prepared, job, run_id, start, e)
+        if lifecycle.cancelled():  # from Prefect's UI or API: the run ends Cancelled, not Failed
+            return Cancelled(message=f"{lifecycle.STOPPING.reason}: nothing was committed; a re-run resumes")
         raise
     ui.publish_run(manifest)
     logger.info("committed %d rows to %s", manifest["rows"], manifest["output"]["uri"])

@@ -77,12 +77,16 @@ def run(
         "--retry-truncated", help="Like --retry-errors, and also re-send requests that stopped at max_tokens.")] = False,
     runner: Annotated[Optional[str], typer.Option(help="local, ray or dask (default: the config's runner.kind).")] = None,
     gpus: Annotated[Optional[int], typer.Option(help="GPUs to plan managed servers on (default: detected).")] = None,
+    gpu_memory: Annotated[Optional[float], typer.Option(
+        "--gpu-memory", help="Memory of each GPU in GiB, to plan for a machine other than this one (with --gpus).")] = None,
 ) -> None:
     """Run the pipeline once and commit its output."""
-    from modelyard import pipeline
+    from modelyard import lifecycle, pipeline
     from modelyard.config import parse_params
     from modelyard.progress import TRACKER, Display
+    from modelyard.serving import REGISTRY, STOPPING
 
+    lifecycle.install()  # from here on SIGTERM stops the run within seconds, whatever it is doing
     prefect_defaults()
     try:
         params = parse_params(param)
@@ -91,63 +95,86 @@ def run(
         from modelyard.planner import plan_for
 
         if any(m.managed for m in loaded.config.models.values()):
-            err.print(plan_for(loaded.config, gpus).describe(), highlight=False)
+            err.print(plan_for(loaded.config, gpus, gpu_memory, loaded.base_dir).describe(), highlight=False,
+                      soft_wrap=True)
         if retry_errors or retry_truncated:
             pipeline.check_retry(loaded, truncated=retry_truncated, console=err)
         if runner not in (None, "local", "ray", "dask"):
             raise UserError(f"--runner {runner!r}: use local, ray or dask")
     except UserError as e:
         _fail(e)
+    except (lifecycle.Terminated, KeyboardInterrupt) as e:
+        _stopped(e)
     try:
+        if not os.environ.get("PREFECT_API_URL"):
+            lifecycle.guard_children()  # Prefect's temporary API server ends with this process, even on SIGKILL
         # the servers start first (a minute here); Prefect is imported and started beside them
-        with prewarm(loaded, gpus), Display(TRACKER, live=sys.stderr.isatty()):
+        with REGISTRY.failures_stick(), prewarm(loaded, gpus, gpu_memory), Display(TRACKER, live=sys.stderr.isatty()):
             from flows.pipeline import run_pipeline
 
             quiet_user_tracebacks()
             manifest = run_pipeline(config=config, params=loaded.params, limit=limit, output=output,
                                     retry_truncated=retry_truncated, runner=runner, gpus=gpus,
-                                    retry_errors=retry_errors)
-    except UserError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        err.print("interrupted: nothing was committed; finished shards are kept and a re-run resumes")
-        raise typer.Exit(130) from None
-    except Exception as e:  # a crash of ours or of Prefect: not the user's fault
+                                    retry_errors=retry_errors, gpu_memory=gpu_memory)
+    except BaseException as e:  # noqa: BLE001 - a signal (ours, or Prefect's TerminationSignal), a user error, a crash
+        if isinstance(e, (SystemExit, typer.Exit)):
+            raise
+        if STOPPING.is_set() or isinstance(e, (KeyboardInterrupt, lifecycle.Terminated)) or (
+                type(e).__name__ == "TerminationSignal"):
+            _stopped(e)
+        if isinstance(e, UserError):
+            _fail(e)
         if STATE["debug"]:
             raise
         err.print(f"[bold red]run failed:[/] {type(e).__name__}: {e}")
         raise typer.Exit(1) from None
+    if lifecycle.cancelled():  # the flow returned its Cancelled state
+        _stopped(lifecycle.Terminated())
     from modelyard.report import print_summary
 
     print_summary(out, manifest)
 
 
+def _stopped(e: BaseException) -> None:
+    """The run was stopped by a signal or cancelled from Prefect: say what is kept, exit 128 + the
+    signal (130 for Ctrl-C, 143 for SIGTERM and for a cancel)."""
+    import signal
+
+    from modelyard import lifecycle
+
+    signum = lifecycle.stop_signal() or (signal.SIGINT if isinstance(e, KeyboardInterrupt) else getattr(
+        e, "signum", None) or getattr(e, "signal", None) or signal.SIGTERM)
+    why = "cancelled from Prefect" if lifecycle.cancelled() else f"stopped by {signal.Signals(signum).name}"
+    err.print(f"{why}: nothing was committed; finished shards are kept and a re-run resumes")
+    raise typer.Exit(128 + int(signum))
+
+
 @contextmanager
-def prewarm(loaded, gpus: int | None):
+def prewarm(loaded, gpus: int | None, gpu_memory: float | None = None):
     """Start the managed servers now, beside Prefect's own start-up; the flow finds them running."""
     from modelyard import pipeline
-    from modelyard.models import server_jobs
+    from modelyard.models import server_jobs, start_servers
     from modelyard.planner import plan_for
     from modelyard.serving import REGISTRY
 
     cfg = loaded.config
-    if len(plan_for(cfg, gpus).waves) > 1 or pipeline.cached_models(loaded, {m for st in cfg.stages for m in st.models_used}) is not None:
+    if (len(plan_for(cfg, gpus, gpu_memory, loaded.base_dir).waves) > 1
+            or pipeline.cached_models(loaded, {m for st in cfg.stages for m in st.models_used}) is not None):
         # waves: the flow stops each wave's servers, which holding them here would not; known models:
         # the flow tries the request cache first and starts servers only if it cannot answer
         yield
         return
-    jobs = server_jobs(cfg, gpus, [n for n, m in cfg.models.items() if m.managed])
-    pool = ThreadPoolExecutor(max_workers=max(1, len(jobs)))
-    futures = [pool.submit(REGISTRY.acquire, n, cfg.models[n], cfg.engine, loaded.base_dir, i, dev)
-               for n, i, dev in jobs]
+    jobs = server_jobs(cfg, gpus, [n for n, m in cfg.models.items() if m.managed], 0, gpu_memory, loaded.base_dir)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelyard-prewarm")
+    future = pool.submit(start_servers, loaded, jobs)
     try:
         yield
     finally:
-        for f in futures:
-            try:
-                REGISTRY.release(f.result())
-            except Exception:  # the flow has reported it already
-                pass
+        try:
+            for s in future.result()[0].values():
+                REGISTRY.release(s)
+        except Exception:  # the flow has reported it already
+            pass
         pool.shutdown(wait=False)
 
 

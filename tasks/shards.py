@@ -20,7 +20,14 @@ def plan_shards(prepared: pipeline.Prepared) -> Plan:
     return pipeline.plan(prepared)
 
 
-@task(name="shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def _not_stopping(task, task_run, state) -> bool:
+    """A shard that failed because the run is stopping (SIGTERM, a cancel) is not retried."""
+    from modelyard.serving import STOPPING
+
+    return not STOPPING.is_set()
+
+
+@task(name="shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_not_stopping)
 def process_shard(job: Job, shard_id: int) -> dict:
     """Run every stage on one shard and write its result files."""
     return run_shard(job, shard_id)

@@ -66,7 +66,8 @@ def progress_update(artifact_id: UUID | None, done: int, total: int) -> None:
 
 
 def gpu_plan(cfg, plan) -> None:
-    """The GPU plan of the managed servers: logged, and a markdown artifact."""
+    """The placement plan of the managed servers (per server its devices and memory share, per wave
+    why it starts where it does): logged, and the ``<job>-gpu-plan`` markdown artifact."""
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact
 
@@ -75,7 +76,8 @@ def gpu_plan(cfg, plan) -> None:
     get_run_logger().info(plan.describe())
     try:
         create_markdown_artifact(plan.to_markdown(), key=artifact_key(cfg.name, "gpu-plan"),
-                                 description=f"{cfg.name}: where each managed vLLM server runs")
+                                 description=f"{cfg.name}: where each managed vLLM server runs, with "
+                                 "which memory share")
     except Exception as e:
         log.warning("could not create the GPU plan artifact: %s", e)
 

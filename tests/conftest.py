@@ -37,17 +37,17 @@ def demo_config():
 
 @pytest.fixture(scope="session")
 def servers(demo_config):
-    """The demo's three models on real vLLM CPU servers, started side by side through modelyard's
-    own managed-server code; runs of the demo config in this process reuse them."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """The demo's three models on real vLLM CPU servers, started side by side exactly as a run places
+    them (the planner's memory shares, through modelyard's own managed-server code): runs in this
+    process of a config with the same models (the demo, the README's pipeline) reuse them."""
+    from modelyard.models import server_jobs, start_servers
     from modelyard.serving import REGISTRY
 
     cfg = demo_config.config
-    with ThreadPoolExecutor(2) as ex:
-        futs = {n: ex.submit(REGISTRY.acquire, n, m, cfg.engine, demo_config.base_dir) for n, m in cfg.models.items()}
-        started = {n: f.result() for n, f in futs.items()}
-    yield started
+    jobs = server_jobs(cfg, None, list(cfg.models), 0, None, demo_config.base_dir)
+    started, errors = start_servers(demo_config, jobs)
+    assert not errors, errors
+    yield {n: s for (n, _), s in started.items()}
     for s in started.values():
         REGISTRY.release(s)
 

@@ -1,5 +1,12 @@
 """Run it like production: a real `prefect server`, a real process worker, deploy, backfill,
-artifacts read back through Prefect's API, partitions on disk, OpenLineage events validated."""
+artifacts read back through Prefect's API, partitions on disk, OpenLineage events validated, and a
+deployment run with a managed server cancelled through Prefect's API.
+
+The process worker turns a SIGTERM into a SIGINT to itself and stops on that; a process started
+with SIGINT ignored (what a non-interactive shell does to a job it puts in the background, such as
+a CI step or `make test &`) passes the ignored SIGINT on to the worker, which then never stops: it
+keeps polling, and once the session's Prefect server is gone, logs connection errors with back-off
+up to 60 s. The worker here is started with SIGINT restored, so SIGTERM stops it in about 1.5 s."""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -51,6 +59,19 @@ stages:
       params: {{temperature: 0, max_tokens: 16}}, output: info}}
 output: {{uri: "{tmp}/out", partition: "dt={{date}}"}}
 """)
+    (tmp / "data" / "managed.jsonl").write_text("".join(json.dumps({"id": k, "text": f"ticket {k}"}) + "\n"
+                                                        for k in range(200)))
+    managed = tmp / "managed.yaml"
+    managed.write_text(f"""
+name: prod-managed
+input: {{uri: "{tmp}/data/managed.jsonl", key: id}}
+shard_rows: 50
+models:
+  tiny: {{model: builtin:tiny-llama, serve: {{max_model_len: 512, max_num_seqs: 16}}}}
+stages:
+  - {{name: gen, model: tiny, prompt: "{{{{ text }}}}", params: {{max_tokens: 16, temperature: 0}}, output: y}}
+output: {{uri: "{tmp}/managed-out"}}
+""")
     pool = f"test-pool-{uuid.uuid4().hex[:6]}"
     (tmp / "prefect.yaml").write_text(f"""
 name: modelyard-test
@@ -63,6 +84,10 @@ deployments:
     work_pool: {{name: {pool}}}
     parameters: {{config: "{cfg}", timezone: Europe/Berlin}}
     schedules: [{{cron: "30 2 * * *", timezone: Europe/Berlin, active: false}}]
+  - name: prod-managed
+    entrypoint: flows/pipeline.py:run_pipeline
+    work_pool: {{name: {pool}}}
+    parameters: {{config: "{managed}"}}
 """)
     env = {"PREFECT_API_URL": prefect_server}
     r = run_cli("deploy", str(tmp / "prefect.yaml"), env=env)
@@ -71,11 +96,25 @@ deployments:
     worker_env = {**os.environ, **env, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
     log = open(tmp / "worker.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool],
-                              cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=_sigint_restored)
     yield {"tmp": tmp, "cfg": cfg, "env": env, "name": "modelyard-pipeline/prod-daily"}
+    t0 = time.monotonic()
     os.killpg(worker.pid, signal.SIGTERM)
-    worker.wait(timeout=60)
-    log.close()
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        pytest.fail(f"the process worker did not stop within 30 s of SIGTERM:\n{(tmp / 'worker.log').read_text()[-3000:]}")
+    finally:
+        log.close()
+    print(f"process worker stopped {time.monotonic() - t0:.1f} s after SIGTERM")
+
+
+def _sigint_restored() -> None:
+    """In the worker's process: SIGINT back to its default, whatever the test runner inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def flow_runs(prefect_server: str):
@@ -202,3 +241,108 @@ def test_partition_rerun_replaces_only_its_partition_and_a_failure_keeps_it(proj
     for e in fails:
         check(e, spec)
     assert SPEC.exists()
+
+
+def test_a_deployment_run_cancelled_through_the_api_ends_cancelled_with_its_servers_stopped(project, prefect_server):
+    """Cancel from Prefect's API while the run's managed server starts: the worker delivers it as a
+    SIGTERM, the flow process stops its server at once and the run ends Cancelled."""
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        run = run_deployment("modelyard-pipeline/prod-managed", timeout=0)
+        seen: dict[int, tuple[float, str]] = {}
+        deadline = time.monotonic() + 300
+        with get_client(sync_client=True) as client:
+            while not any("api_server" in cmd for _, cmd in seen.values()):
+                fr = client.read_flow_run(run.id)
+                assert time.monotonic() < deadline and not fr.state.is_final(), fr.state
+                pid = int(str(fr.infrastructure_pid).rsplit(":", 1)[-1]) if fr.infrastructure_pid else None
+                if pid:
+                    try:
+                        for k in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+                            seen[k.pid] = (k.create_time(), " ".join(k.cmdline()))
+                    except psutil.Error:
+                        pass
+                time.sleep(0.2)
+            t0 = time.monotonic()
+            client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
+            while not (fr := client.read_flow_run(run.id)).state.is_final():
+                assert time.monotonic() - t0 < 120, fr.state
+                time.sleep(0.2)
+            took = time.monotonic() - t0
+    assert fr.state.type.value == "CANCELLED", fr.state
+    plan = _artifact(prefect_server, run.id, "prod-managed-gpu-plan")
+    assert "| 1 | 0:gen | tiny | 0 | CPU | CPU |" in plan and "KV cache 0.06 GiB, given to vLLM" in plan
+    left = []
+    for _ in range(50):
+        left = [cmd[:160] for p, (c, cmd) in seen.items() if _running(psutil, p, c)]
+        if not left:
+            break
+        time.sleep(0.1)
+    print(f"cancelled through the API: Cancelled after {took:.1f} s")
+    assert left == []
+    assert not (project["tmp"] / "managed-out").exists()
+
+
+def _artifact(prefect_server: str, run_id, key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+        arts = client.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [run_id]}))
+    return next(a.data for a in arts if a.key == key)
+
+
+def _running(psutil, pid: int, created: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_a_cli_run_cancelled_through_the_api_ends_cancelled_with_its_servers_stopped(prefect_server, tmp_path):
+    """`modelyard run` against a Prefect server, no worker: it watches its own flow run, and a cancel
+    from the API (or the UI) stops it within seconds, its servers too, and the run ends Cancelled."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    from tests.test_placement import _alive, _descendants, _sigterm_config
+
+    cfg = _sigterm_config(tmp_path, "cli-cancel")
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("modelyard")), "run", str(cfg), "--param",
+                             "date=2026-11-27"], cwd=ROOT, env={**os.environ, "PREFECT_API_URL": prefect_server},
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # noqa: SIM115
+    seen: dict = {}
+    deadline = time.monotonic() + 300
+    while not ("Beginning flow run" in log.read_text() and any("api_server" in c for _, c in seen.values())):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        seen.update(_descendants(proc.pid))
+        time.sleep(0.1)
+    with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["cli-cancel-2026-11-27"])))
+        t0 = time.monotonic()
+        client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
+        while proc.poll() is None and time.monotonic() - t0 < 30:
+            seen.update(_descendants(proc.pid))
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        state = client.read_flow_run(run.id).state
+    print(f"CLI run cancelled through the API: exit {proc.returncode} after {took:.1f} s, {state.type.value}")
+    assert proc.returncode == 143, log.read_text()[-3000:]
+    assert took < 10
+    assert state.type.value == "CANCELLED", state
+    assert "cancelled from Prefect: nothing was committed" in log.read_text()
+    for _ in range(30):
+        if not _alive(seen):
+            break
+        time.sleep(0.1)
+    assert _alive(seen) == []

@@ -295,8 +295,9 @@ engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
 
 def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, prefect_harness, prefect_server,
                                                                       tmp_path, monkeypatch):
-    """`--gpus 1` for the demo's two models: the planner puts the embed stage in wave 1 and the
-    tiny model's three stages in wave 2. Wave 1 finishes on every shard and its server stops
+    """`--gpus 1 --gpu-memory 5` for the demo's three models: the cascade's two models share the GPU,
+    the embedder does not fit beside them, so the planner puts the embed stage in wave 1 and the
+    other three stages in wave 2. Wave 1 finishes on every shard and its server stops
     before wave 2's starts; a run killed in wave 2 resumes without starting wave 1's model again;
     an unchanged re-run is answered by the request cache without starting any server.
     (On this CPU machine the servers get CUDA_VISIBLE_DEVICES=0, which vllm-cpu ignores.)"""
@@ -315,7 +316,7 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
 
     env = {"PREFECT_API_URL": prefect_server}
     out = tmp_path / "waves"
-    r = run_cli("run", str(cfg), "--gpus", "1", "--limit", "200", "--output", str(out),
+    r = run_cli("run", str(cfg), "--gpus", "1", "--gpu-memory", "5", "--limit", "200", "--output", str(out),
                 env={**env, "MODELYARD_FAILPOINT": "shard-done:1"}, timeout=900)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert not out.exists()
@@ -325,7 +326,7 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
     assert start_minilm < stop_minilm < start_tiny, log[-3000:]  # one wave's server at a time
     assert "wave 1 of 2 (embed): starting" in log and "wave 2 of 2 (classify, extract, reply): starting" in log
 
-    r = run_cli("run", str(cfg), "--gpus", "1", "--limit", "200", "--output", str(out), env=env, timeout=900)
+    r = run_cli("run", str(cfg), "--gpus", "1", "--gpu-memory", "5", "--limit", "200", "--output", str(out), env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wave 1 of 2 (embed): every shard finished in an earlier attempt" in r.stderr
     assert "starting vLLM for builtin:minilm" not in r.stderr  # wave 1 was not redone
@@ -351,7 +352,7 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
     # unchanged re-run: the request cache answers every shard of both waves, so no server starts
     # (unless a row failed: failed requests are not cached, and are asked again)
     failed = any(lin[s]["error"] for lin in lineage for s in lin)
-    r = run_cli("run", str(cfg), "--gpus", "1", "--limit", "200", "--output", str(out), env=env, timeout=900)
+    r = run_cli("run", str(cfg), "--gpus", "1", "--gpu-memory", "5", "--limit", "200", "--output", str(out), env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("starting vLLM" in r.stderr) == failed, r.stderr[-3000:]
     assert failed or "wave 2 of 2 (classify, extract, reply): 2 of 2 shards answered by the request cache" in r.stderr

@@ -1,0 +1,181 @@
+"""One managed vLLM server process: started behind its launcher, waited for, stopped.
+
+``STOPPING`` is set once the run is stopping (a signal, a cancel): no server starts any more, and a
+start under way gives up at its next health poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from modelyard import telemetry
+from modelyard.errors import EngineError
+from modelyard.server_log import first_error
+
+log = logging.getLogger("modelyard")
+PACKAGE = Path(__file__).resolve().parent
+
+
+class _Stopping(threading.Event):
+    """Set once the run is stopping: nothing starts any more, starts under way give up."""
+
+    reason = "the run is stopping"
+
+    def begin(self, reason: str) -> None:
+        self.reason = reason
+        self.set()
+
+
+STOPPING = _Stopping()
+
+
+def home() -> Path:
+    return Path(os.environ.get("MODELYARD_HOME", Path.home() / ".cache" / "modelyard"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """One managed vLLM server process (behind its launcher)."""
+
+    python: str
+    path: str
+    served_name: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    refs: int = 0
+    healthy: bool = False  # answered /health since its last start
+    attempts: int = 0  # starts tried
+    failure: EngineError | None = None  # why the last start failed
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stopping: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, same_port: bool = False) -> None:
+        if STOPPING.is_set():
+            raise EngineError(f"vLLM server for {self.served_name} not started: {STOPPING.reason}")
+        self.healthy = False
+        if not (same_port and self.port):
+            self.port = free_port()
+        logs = home() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log_path = logs / f"{self.served_name.replace('/', '_').replace(':', '_')}-{self.port}.log"
+        cmd = [self.python, str(PACKAGE / "_launcher.py"), str(os.getpid()), "--", self.python, "-m",
+               "vllm.entrypoints.openai.api_server", "--model", self.path, "--served-model-name", self.served_name,
+               "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VIRTUAL_ENV"))}
+        env.update(self.env)
+        log.info("starting vLLM for %s on port %d (log: %s)", self.served_name, self.port, self.log_path)
+        fh = open(self.log_path, "ab")  # noqa: SIM115 - the server writes to it until it stops
+        self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
+        fh.close()
+        telemetry.event("server-start", model=self.served_name, port=self.port)
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except (OSError, AttributeError):
+            return "(no log)"
+
+    def root_cause(self) -> str:
+        """The first error of this server's log, then the log's path."""
+        try:
+            cause = first_error(self.log_path.read_text(errors="replace"))
+        except (OSError, AttributeError):
+            cause = None
+        return f"{cause or 'its log names no error'} (log: {self.log_path})"
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if STOPPING.is_set():
+                self.stop()
+                raise EngineError(f"vLLM server for {self.served_name} not started: {STOPPING.reason}")
+            if self.proc.poll() is not None:
+                raise EngineError(f"the vLLM server for {self.served_name} did not start (exit code "
+                                  f"{self.proc.returncode}): {self.root_cause()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    self.healthy = True
+                    return telemetry.event("server-healthy", model=self.served_name, port=self.port)
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)  # a refused connection costs nothing; the run starts as soon as it can
+        self.stop()
+        raise EngineError(f"the vLLM server for {self.served_name} was not healthy after {timeout:.0f} s "
+                          f"(serve.startup_timeout): {self.root_cause()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def held_bytes(self) -> int:
+        """Memory its processes hold (proportional set size: shared pages counted once)."""
+        import psutil
+
+        if not self.alive():
+            return 0
+        total = 0
+        try:
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.Error:
+            return 0
+        for p in procs:
+            try:
+                info = p.memory_full_info()
+                total += getattr(info, "pss", info.rss)
+            except psutil.Error:
+                continue
+        return total
+
+    def stop(self, timeout: float = 10) -> None:
+        """TERM the launcher (it stops vLLM's process group: TERM, then KILL after a few seconds; a
+        server still starting is killed at once); if it does not end in ``timeout`` s, KILL everything
+        below it."""
+        with self._stopping:
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            self.proc.send_signal(signal.SIGTERM if self.healthy else signal.SIGUSR1)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._kill_tree()
+                self.proc.wait()
+            telemetry.event("server-stop", model=self.served_name, port=self.port)
+            log.info("stopped vLLM for %s on port %d", self.served_name, self.port)
+
+    def _kill_tree(self) -> None:
+        import psutil
+
+        try:
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            procs = []
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the server leads its own group: its engine goes too
+            except OSError:
+                pass
+        self.proc.kill()
