@@ -15,7 +15,7 @@ from prefect.states import Cancelled
 from modelyard import lifecycle, pipeline, telemetry
 from modelyard.cost import wave_gpu_seconds
 from modelyard.models import open_models
-from modelyard.planner import plan_for
+from modelyard.planner import plan_for, wave_models
 from modelyard.progress import TRACKER
 from tasks import ui
 from flows.shards import run_shards
@@ -81,7 +81,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
             def new_job(up: dict, cache_only: bool = False):
                 nonlocal start
                 j = pipeline.make_job(prepared, run_id, {**models, **up}, retry_truncated, k, len(waves),
-                                      tuple(wave.stages), cache_only, retry_errors,
+                                      tuple(wave.stages), cache_only, retry_errors, wave.tiers,
                                       {n: c["thresholds"] for n, c in calibrations.items()})
                 if start is None:
                     start = pipeline.lineage_start(prepared, j, run_id, loaded.params.get("date"))
@@ -89,7 +89,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                                 prepared.staging.root)
                 return j
 
-            used = {m for i in wave.stages for m in cfg.stages[i].models_used}
+            used = set(wave_models(cfg, wave))
             calibrated = any(cfg.stages[i].calibrate is not None for i in wave.stages)
             hit: dict = {}
             cached = pipeline.cached_models(loaded, used)

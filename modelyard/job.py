@@ -103,7 +103,7 @@ class Job:
         that a server never sees more than ``max_in_flight`` from all of them together."""
         d = Dispatcher.get()
         out = {}
-        for name in dict.fromkeys(m for st in self.active() for m in st.cfg.models_used):
+        for name in dict.fromkeys(m for st in self.active() for m in st.strategy.models):
             rt = self.models[name]
             m = self.config.models[name]
             limit = max(1, m.in_flight // max(1, self.workers))

@@ -151,14 +151,14 @@ def cache_path(cfg) -> str | None:
 
 def make_job(p: Prepared, run_id: str, models: dict[str, ModelRuntime], retry_truncated: bool = False,
              wave: int = 0, waves: int = 1, wave_stages: tuple[int, ...] | None = None,
-             cache_only: bool = False, retry_errors: bool = False,
+             cache_only: bool = False, retry_errors: bool = False, wave_tiers: dict | None = None,
              thresholds: dict[str, list] | None = None) -> Job:
     cfg = p.loaded.config
     return Job(config=cfg, base_dir=str(p.loaded.base_dir), job_key=p.key, output_root=cfg.output.uri,
                run_id=run_id, models=models, cache_path=cache_path(cfg),
                cache_nondeterministic=cfg.cache.nondeterministic, retry_truncated=retry_truncated,
                retry_errors=retry_errors or retry_truncated, wave=wave, waves=waves, wave_stages=wave_stages,
-               cache_only=cache_only, thresholds=dict(thresholds or {}))
+               cache_only=cache_only, thresholds=dict(thresholds or {}), wave_tiers=dict(wave_tiers or {}) or None)
 
 
 def calibrate_wave(job: Job, plan: Plan) -> dict[str, dict]:

@@ -47,7 +47,7 @@ def share_text(p, gpu_memory: list[float] | None = None) -> str:
 def describe_plan(plan) -> str:
     lines = [f"GPU plan: {_where(plan)}, {len(plan.waves)} wave{'s' if len(plan.waves) != 1 else ''}"]
     for w, wave in enumerate(plan.waves, 1):
-        lines.append(f"wave {w}: stages {', '.join(plan.stage(s) for s in wave.stages) or '-'}")
+        lines.append(f"wave {w}: stages {', '.join(plan.stage(s, wave) for s in wave.stages) or '-'}")
         if wave.reason:
             lines.append(f"  starts here because {wave.reason}")
         lines += [f"  {p.model} replica {p.replica}: {p.where()}, {share_text(p, plan.gpu_memory_gb)}"
@@ -61,7 +61,7 @@ def plan_markdown(plan) -> str:
           "| wave | stages | model | replica | device | CUDA_VISIBLE_DEVICES | memory share |",
           "|---|---|---|---|---|---|---|"]
     for w, wave in enumerate(plan.waves, 1):
-        stages = ", ".join(plan.stage(s) for s in wave.stages)
+        stages = ", ".join(plan.stage(s, wave) for s in wave.stages)
         md += [f"| {w} | {stages} | {p.model} | {p.replica} | {p.where()} | {p.cuda_visible_devices or 'CPU'} | "
                f"{share_text(p, plan.gpu_memory_gb)} |" for p in wave.placements] or [
             f"| {w} | {stages} | - | - | - | - | - |"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from modelyard.plan_text import describe_plan, plan_markdown
 from modelyard.devices import detect_gpus, visible as _visible  # noqa: F401  (re-exported)
@@ -119,6 +120,7 @@ class Wave:
     stages: list[int]
     placements: list[Placement] = field(default_factory=list)
     reason: str = ""  # why this wave starts where it does (empty for the first)
+    tiers: dict[int, tuple[int, int]] = field(default_factory=dict)  # cascade stage -> its tiers here, if split
 
     @property
     def models(self) -> list[str]:
@@ -135,8 +137,12 @@ class Plan:
     cpu_available_gb: float | None = None  # no GPU: the memory the servers must fit in (before the 0.92)
     cpu_total_gb: float | None = None
 
-    def stage(self, i: int) -> str:
-        return f"{i}:{self.stage_names[i]}" if i < len(self.stage_names) else str(i)
+    def stage(self, i: int, wave: Wave | None = None) -> str:
+        name = f"{i}:{self.stage_names[i]}" if i < len(self.stage_names) else str(i)
+        span = wave.tiers.get(i) if wave is not None else None
+        if span is None:
+            return name
+        return f"{name} (cascade tier{'s' if span[0] != span[1] else ''} {'-'.join(dict.fromkeys(map(str, span)))})"
 
     def describe(self) -> str:
         return describe_plan(self)
@@ -298,5 +304,55 @@ def plan_for(cfg, gpus: int | None = None, gpu_memory: float | None = None, base
 
     n_gpus, memory, cpu = capacity(gpus, gpu_memory)
     size = sizer(cfg, "gpu" if n_gpus else "cpu", base_dir)
-    return plan(needs_from_config(cfg, size), n_gpus, [s.name for s in cfg.stages], memory,
-                None if cpu is None else cpu[1], None if cpu is None else cpu[0])
+    steps = plan_steps(cfg)
+    as_steps = SimpleNamespace(models=cfg.models, stages=[SimpleNamespace(name=n, models_used=m)
+                                                          for _, _, n, m in steps])
+    p = plan(needs_from_config(as_steps, size), n_gpus, [n for _, _, n, _ in steps], memory,
+             None if cpu is None else cpu[1], None if cpu is None else cpu[0])
+    return _by_stage(p, steps, [s.name for s in cfg.stages], cfg)
+
+
+def plan_steps(cfg) -> list[tuple[int, int | None, str, list[str]]]:
+    """What the planner cuts into waves: (stage, cascade tier or None, name, models) in order. A
+    cascade is one step per tier (its model, and the judge of the tiers before the last), so that
+    tiers whose models cannot be resident together run in waves: tier 1 on every shard, then tier 2
+    on the rows it sent on. A calibrated cascade stays whole: every tier answers its sample."""
+    out = []
+    for i, st in enumerate(cfg.stages):
+        tiers = st.cascade or []
+        if len(tiers) > 1 and st.calibrate is None:
+            judge = [st.judge.model] if st.judge else []
+            out += [(i, j, f"{st.name}[tier {j}]", list(dict.fromkeys([t.model, *(judge if j < len(tiers) - 1 else [])])))
+                    for j, t in enumerate(tiers)]
+        else:
+            out.append((i, None, st.name, st.models_used))
+    return out
+
+
+def _by_stage(p: Plan, steps, stage_names: list[str], cfg) -> Plan:
+    """The plan of steps as a plan of stages: a wave's stages, and the tiers of a cascade it holds
+    only some of."""
+    for wave in p.waves:
+        held = [steps[k] for k in wave.stages]
+        wave.stages = list(dict.fromkeys(i for i, _, _, _ in held))
+        for i in wave.stages:
+            tiers = [j for s, j, _, _ in held if s == i and j is not None]
+            if tiers and len(tiers) < len(cfg.stages[i].cascade):
+                wave.tiers[i] = (min(tiers), max(tiers))
+    p.stage_names = stage_names
+    return p
+
+
+def wave_models(cfg, wave: Wave) -> list[str]:
+    """The models a wave's stages ask (only the tiers it holds of a cascade split across waves)."""
+    out: list[str] = []
+    for i in wave.stages:
+        st = cfg.stages[i]
+        span = wave.tiers.get(i)
+        if span is None:
+            out += st.models_used
+        else:
+            last = len(st.cascade) - 1
+            out += [st.cascade[j].model for j in range(span[0], span[1] + 1)]
+            out += [st.judge.model] if st.judge and span[0] < last else []
+    return list(dict.fromkeys(out))

@@ -58,7 +58,7 @@ def capacity(ctx: Context, stages: list[Stage]) -> int:
     embedding slot holds a batch of rows), and a few more to take a slot as one frees."""
     slots = 0
     for st in stages:
-        for m in st.cfg.models_used:
+        for m in st.strategy.models:
             pool = ctx.pools.get(m)
             if pool is not None:
                 slots += pool.limit * max(1, len(pool.endpoints)) * (st.cfg.batch_size if st.embed else 1)

@@ -290,3 +290,44 @@ def test_sigkill_during_tier_two_then_resume_asks_tier_one_nothing_it_had_answer
     rows = ds.dataset(tmp_path / "out", format="parquet").to_table().to_pylist()
     assert sorted(r["_row_key"] for r in rows) == [f"r{i:04d}" for i in range(ROWS)]
     assert os.path.exists(tmp_path / "out" / "_manifest.json")
+
+
+def test_a_cascade_split_by_gpu_waves_asks_tier_two_only_for_the_rows_tier_one_sent_on(two, tmp_path):
+    """The planner cuts a cascade whose tiers cannot be resident together into waves (see
+    tests/test_planner.py); here the two waves run as the flow runs them, on the real servers: the
+    first wave's tier 1 answers every row of every shard, the second asks tier 2 only about the
+    rows left pending, and the committed rows carry both waves' lineage."""
+    import time
+
+    from modelyard import pipeline
+    from modelyard.models import open_models
+    from modelyard.shard import run_shard
+
+    cfg = config(tmp_path, two, CHOICE_STAGE.format(labels=LABELS, threshold=MEDIAN))
+    loaded = pipeline.load(str(cfg), {}, None)
+    prepared = pipeline.prepare(loaded)
+    plan = pipeline.plan(prepared)
+    with open_models(loaded) as (models, _):
+        waves = [pipeline.make_job(prepared, "split", models, wave=k, waves=2, wave_stages=(0,), wave_tiers={0: (k, k)})
+                 for k in (0, 1)]
+        (first, to_tiny, to_small) = counted(two, lambda: [run_shard(waves[0], i) for i in range(len(plan.shards))])
+        assert to_tiny == ROWS and to_small == 0  # wave 1: the small model only
+        pending = [r for i in range(len(plan.shards))
+                   for r in prepared.staging.read_json(prepared.staging.wave_shard(i, 0))["results"]
+                   if r[1]["label"].get("_pending") == 1]
+        (second, to_tiny, to_small) = counted(two, lambda: [run_shard(waves[1], i) for i in range(len(plan.shards))])
+        assert to_tiny == 0 and to_small == len(pending) > 0  # wave 2: the big model, on the rows sent on
+        manifest = pipeline.commit(prepared, waves[1], plan, second, "split", time.time())
+    rows = ds.dataset(manifest["output"]["uri"], format="parquet").to_table().to_pylist()
+    assert len(rows) == ROWS
+    for r in rows:
+        lin = r["_lineage"]["label"]
+        first_tier = lin["tiers"][0]
+        assert first_tier["model"] == "small"
+        if first_tier["reason"] == "accepted":
+            assert len(lin["tiers"]) == 1 and lin["tier"] == 0 and r["label"] == first_tier["answer"]
+        else:
+            assert [e["model"] for e in lin["tiers"]] == ["small", "big"] and lin["tier"] == 1
+            assert lin["prompt_tokens"] == first_tier["prompt_tokens"] + lin["tiers"][1]["prompt_tokens"]
+    assert sum(len(r["_lineage"]["label"]["tiers"]) == 2 for r in rows) == len(pending)
+    assert [t["asked"] for t in manifest["stages"]["label"]["tiers"]] == [ROWS, len(pending)]

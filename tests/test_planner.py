@@ -599,3 +599,41 @@ def test_cpu_models_of_unknown_size_get_waves_unless_a_stage_asks_them_together(
     assert shape(p) == [([0], {"a#0": []}), ([1, 2], {"b#0": [], "a#0": []})]
     assert any("asks models of unknown size at once" in n for n in p.notes)
     assert "size unknown" in p.describe()
+
+
+def test_a_cascade_whose_tiers_do_not_fit_together_runs_tier_by_tier_in_waves(tmp_path):
+    """Two 10 GiB models on one 16 GiB GPU: tier 1 on every shard in one wave, tier 2 (and what
+    follows) in the next; a calibrated cascade cannot be split (every tier answers its sample)."""
+    from modelyard.config import parse_config
+    from modelyard.planner import plan_for, plan_steps, wave_models
+
+    text = f"""
+name: t
+input: {{uri: {tmp_path / 'in.jsonl'}}}
+models:
+  small: {{model: a/small, serve: {{memory_gb: 10}}}}
+  big: {{model: a/big, serve: {{memory_gb: 10}}}}
+stages:
+  - name: label
+    prompt: "{{{{ x }}}}"
+    choice: [a, b]
+    cascade: [{{model: small, min_confidence: 0.5}}, {{model: big}}]
+    judge: {{model: small, prompt: "ok? {{{{ label }}}}", choice: ["yes", "no"], output: v, accept_when: "v == 'yes'"}}
+    output: label
+  - {{name: after, model: big, prompt: "{{{{ label }}}}", output: more}}
+output: {{uri: {tmp_path / 'out'}}}
+"""
+    cfg = parse_config(text, "t.yaml")
+    assert [(i, j, m) for i, j, _, m in plan_steps(cfg)] == [(0, 0, ["small"]), (0, 1, ["big"]), (1, None, ["big"])]
+    p = plan_for(cfg, gpus=1, gpu_memory=16)
+    assert [(w.stages, w.tiers, w.models) for w in p.waves] == [([0], {0: (0, 0)}, ["small"]),
+                                                                 ([0, 1], {0: (1, 1)}, ["big"])]
+    assert [wave_models(cfg, w) for w in p.waves] == [["small"], ["big"]]
+    text_plan = p.describe()
+    assert "wave 1: stages 0:label (cascade tier 0)" in text_plan and "wave 2: stages 0:label (cascade tier 1), 1:after" in text_plan
+    assert "label[tier 1] needs big" in text_plan  # why the second wave starts there
+    whole = plan_for(cfg, gpus=1, gpu_memory=48)  # both fit: one wave, the cascade whole
+    assert [(w.stages, w.tiers) for w in whole.waves] == [([0, 1], {})]
+    calibrated = parse_config(text.replace("min_confidence: 0.5", "min_confidence: auto"), "t.yaml")
+    with pytest.raises(PlanError, match="do not fit together"):
+        plan_for(calibrated, gpus=1, gpu_memory=16)

@@ -44,6 +44,13 @@ class Cascade(Strategy):
                       | (self.judge.reads if self.judge else set())
                       | (self.accept.variables if self.accept else set())) - own
 
+    @property
+    def models(self) -> list[str]:
+        """The models this pass may ask: its tiers, and the judge of the tiers before the last."""
+        lo, hi = self.span
+        judge = [self.stage.cfg.judge.model] if self.judge is not None and lo < len(self.tiers) - 1 else []
+        return list(dict.fromkeys([*(t.model for t in self.tiers[lo:hi + 1]), *judge]))
+
     def threshold(self, i: int) -> float | None:
         """Tier ``i``'s min_confidence: as configured, or as calibrated for `auto` (None until then)."""
         t = self.tiers[i].min_confidence
