@@ -1,17 +1,13 @@
 # make demo   - build both environments if missing, run the offline demo, inspect its output
 # make test   - build both environments if missing, run the whole test suite
-# make bench  - the benchmarks (bench-throughput, bench-memory, bench-overlap, bench-orchestrator), a few minutes each
+# make bench  - the benchmarks (bench-throughput, bench-memory, bench-overlap, bench-cascade, bench-orchestrator), a few minutes each
 PYTHON ?= python3
 VENV := .venv
 ENGINE := .venv-engine
 ENGINE_REQUIREMENTS ?= engine/requirements.txt
 ENGINE_CONSTRAINTS ?= engine/constraints-cpu.txt
 
-<<<<<<< HEAD
-.PHONY: setup orchestrator engine browser demo test unit bench bench-throughput bench-memory bench-overlap bench-cascade clean
-=======
-.PHONY: setup orchestrator engine instant-endpoint demo test unit bench bench-throughput bench-memory bench-overlap bench-orchestrator clean
->>>>>>> orch
+.PHONY: setup orchestrator engine instant-endpoint browser demo test unit bench bench-throughput bench-memory bench-overlap bench-cascade bench-orchestrator clean
 
 setup: orchestrator engine
 
@@ -43,27 +39,17 @@ demo: setup
 	$(VENV)/bin/modelyard inspect out/demo-tickets/
 	$(VENV)/bin/modelyard inspect out/demo-tickets/ --row T00002
 
-<<<<<<< HEAD
 # Debian's chromium: the report tests open _report.html (and the Prefect UI) in it, headless
 browser:
-	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-test: setup browser
+test: setup browser instant-endpoint
 	$(VENV)/bin/python -m pytest -q -ra
 
-unit: orchestrator browser
+unit: orchestrator browser instant-endpoint
 	$(VENV)/bin/python -m pytest -q -m "not engine"
 
-bench: bench-throughput bench-memory bench-overlap bench-cascade
-=======
-test: setup instant-endpoint
-	$(VENV)/bin/python -m pytest -q -ra
-
-unit: orchestrator instant-endpoint
-	$(VENV)/bin/python -m pytest -q -m "not engine"
-
-bench: bench-throughput bench-memory bench-overlap bench-orchestrator
->>>>>>> orch
+bench: bench-throughput bench-memory bench-overlap bench-cascade bench-orchestrator
 
 bench-throughput: setup
 	$(VENV)/bin/python benchmarks/throughput.py $(ARGS)
@@ -74,13 +60,11 @@ bench-memory: setup
 bench-overlap: setup
 	$(VENV)/bin/python benchmarks/overlap.py $(ARGS)
 
-<<<<<<< HEAD
 bench-cascade: setup
 	$(VENV)/bin/python benchmarks/cascade.py $(ARGS)
-=======
+
 bench-orchestrator: orchestrator instant-endpoint
 	$(VENV)/bin/python benchmarks/orchestrator.py $(ARGS)
->>>>>>> orch
 
 clean:
 	rm -rf out/ .pytest_cache
