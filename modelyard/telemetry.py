@@ -124,7 +124,7 @@ class Recorder:
         for key, col in columns.items():
             if key[0] == "stage":
                 stages.setdefault(key[1], {})[key[2]] = col
-            else:
+            elif any(col):  # the process's client keeps the pools of earlier runs: only this run's busy ones
                 in_flight[f"{key[1]} {key[2]}"] = {"model": key[1], "endpoint": key[2], "values": col}
         return {
             "started": t0, "interval_s": series.interval, "max_points": series.max_points,

@@ -77,7 +77,14 @@ def test_demo_commits_every_row_once_with_lineage(demo_run):
                 if rec["cached"]:  # the same request earlier in this run (e.g. two identical replies)
                     assert rec["attempts"] == 0 and rec["endpoint"] == "cache"
                 else:
-                    assert rec["attempts"] >= 1 and rec["endpoint"].startswith("http://127.0.0.1:")
+                    assert rec["attempts"] >= 1
+                    # a cascade's answering tier may come from the cache (its calibration sample asked it)
+                    # while an earlier tier was asked now: the endpoint is that of the answer kept
+                    kept = [e for e in rec.get("tiers") or [] if e["tier"] == rec["tier"] and e["role"] != "judge"]
+                    if kept and kept[-1]["cached"]:
+                        assert rec["endpoint"] == "cache", (r["_row_key"], stage, rec)
+                    else:
+                        assert rec["endpoint"].startswith("http://127.0.0.1:"), (r["_row_key"], stage, rec)
                 assert r[out_col] is not None
     assert errors == manifest["errors"]["rows"] == sum(s["errors"] for s in manifest["stages"].values())
 
@@ -301,7 +308,6 @@ models:
 stages:
   - {{name: embed, model: embedder, input: "{{{{ text }}}}", output: vec{", truncate: true" if truncate else ""}}}
 output: {{uri: "{tmp_path / ('out-cut' if truncate else 'out')}"}}
-engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
 """)
         return p
 

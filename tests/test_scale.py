@@ -204,7 +204,6 @@ stages:
       output: y}}
 output: {{uri: "{tmp_path / 'out'}"}}
 cache: {{enabled: false}}
-engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
 """)
     from modelyard.serving import REGISTRY
 
@@ -262,7 +261,6 @@ stages:
       output: y}}
 output: {{uri: "{tmp_path / 'out'}"}}
 cache: {{enabled: false}}
-engine: {{env: {{VLLM_CPU_KVCACHE_SPACE: "1"}}}}
 """)
     before = set(REGISTRY.servers)
 
@@ -345,8 +343,9 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
     lineage = b.column("_lineage").to_pylist()
     assert all(lin["extract"]["skipped"] == (lab not in ("bug", "billing"))
                for lin, lab in zip(lineage, labels) if lab is not None)  # `when` saw classify's output
-    assert all(lin["embed"]["model"] == "builtin:minilm" and lin["classify"]["model"] == "builtin:tiny-llama"
-               for lin in lineage)
+    assert all(lin["embed"]["model"] == "builtin:minilm" for lin in lineage)
+    assert all(lin["classify"]["model"] in ("builtin:tiny-llama", "builtin:small-llama")  # the cascade's tiers
+               for lin in lineage if not lin["classify"]["error"])
     assert len({lin["embed"]["endpoint"] for lin in lineage} & {lin["classify"]["endpoint"] for lin in lineage}) == 0
 
     # unchanged re-run: the request cache answers every shard of both waves, so no server starts

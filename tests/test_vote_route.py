@@ -37,13 +37,15 @@ def test_a_vote_of_two_models_and_a_vote_of_three_samples(two, prefect_harness, 
   - name: mood
     prompt: "Mood of: {{{{ body }}}}"
     choice: [calm, angry, happy]
-    params: {{temperature: 1.0, max_tokens: 4, seed: 11}}
+    params: {{temperature: 1.0, max_tokens: 4}}
     vote: {{model: small, samples: 3}}
     output: mood
 """
     cfg = config(tmp_path, two, stages)
     (manifest, rows), to_tiny, to_small = counted(two, lambda: run(cfg))
-    assert to_tiny == ROWS + 3 * ROWS and to_small == ROWS  # every voter, once per row
+    # every voter once per row; the three samples are one request with n: 3, which vLLM runs (and counts)
+    # as three requests
+    assert to_tiny == ROWS + 3 * ROWS and to_small == ROWS
     for r in rows:
         for stage, out, voters in (("topic", "topic", ["small", "big"]), ("mood", "mood", ["small"] * 3)):
             lin = r["_lineage"][stage]
@@ -57,11 +59,11 @@ def test_a_vote_of_two_models_and_a_vote_of_three_samples(two, prefect_harness, 
             lat = [e["latency_ms"] for e in lin["tiers"]]
             assert lin["latency_ms"] == pytest.approx(max(lat))
     moods = [[e["answer"] for e in r["_lineage"]["mood"]["tiers"]] for r in rows]
-    assert any(len(set(m)) > 1 for m in moods)  # distinct seeds: the samples differ
+    assert any(len(set(m)) > 1 for m in moods)  # sampled: the samples differ
     hist = manifest["stages"]["topic"]["agreement"]
     assert sum(hist.values()) == ROWS
     assert hist == dict(Counter(f"{r['_lineage']['topic']['confidence']:.2f}" for r in rows))
-    # a rerun asks nothing: each sample is its own cached request (its seed)
+    # a rerun asks nothing and draws no new samples: the n-sample request is cached
     (_, again), to_tiny, to_small = counted(two, lambda: run(cfg))
     assert to_tiny == to_small == 0
     assert [r["mood"] for r in again] == [r["mood"] for r in rows]
@@ -145,6 +147,7 @@ def test_sigkill_in_a_vote_then_resume_re_asks_no_voter_that_had_answered(two, p
     assert r.returncode == 0, r.stderr[-3000:]
     resent_tiny, resent_small = requests_served(two["tiny"]) - t1, requests_served(two["small"]) - s1
     print(f"vote killed: answers kept {kept}; the resume asked tiny {resent_tiny}, small {resent_small}")
+    # a voter's reply is on disk before the vote goes on (the kill came as big's tenth reply arrived)
     assert kept.get(two["small"].served_name, 0) >= 10
     assert resent_tiny == ROWS - kept.get(two["tiny"].served_name, 0)
     assert resent_small == ROWS - kept[two["small"].served_name]

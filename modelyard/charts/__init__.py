@@ -37,7 +37,7 @@ def render(sources: list[Source]) -> tuple[str, dict[str, Any], dict[str, bytes]
     return title, report, images
 
 
-def page(sources: list[Source]) -> str:
+def page_html(sources: list[Source]) -> str:
     from modelyard.charts.page import html
 
     return html(*render(sources))
@@ -121,5 +121,5 @@ def write(outputs: list[str], path: str | None = None, partitions: bool = False)
     from modelyard.staging import write_bytes_atomic
 
     fs, p = url_to_fs(target)
-    write_bytes_atomic(fs, p, page(sources).encode())
+    write_bytes_atomic(fs, p, page_html(sources).encode())
     return target, sources

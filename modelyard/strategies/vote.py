@@ -15,7 +15,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from modelyard.asking import Answer, Context, ask
+from modelyard.asking import Answer, Context, ask, ask_samples
 from modelyard.stages import OutputInvalid
 from modelyard.strategies.base import Outcome, Strategy, entry
 from modelyard.strategies.route import tier_counts
@@ -49,17 +49,17 @@ class Vote(Strategy):
         self.samples = v.samples or 1
         # (model, sample): every model once, or one model `samples` times, in tie-break order
         self.voters = [(m, k) for m in v.voters for k in range(self.samples)]
-        self.base_seed = int(stage.cfg.params.get("seed", 0) or 0)
         self.by_field = stage.schema is not None and stage.schema.get("type") == "object"
-
-    def _extra(self, k: int) -> dict[str, Any] | None:
-        """Samples of one model differ by their seed, so that each is its own cached request."""
-        return {"seed": self.base_seed + k} if self.samples > 1 else None
 
     async def answer(self, ctx: Context, row: dict[str, Any], path: str, body: dict[str, Any],
                      resume: dict[str, Any] | None = None) -> Outcome:
-        asked = list(await asyncio.gather(*(ask(ctx, self.stage, m, path, body, extra=self._extra(k))
-                                            for m, k in self.voters)))
+        models = list(dict.fromkeys(m for m, _ in self.voters))
+        if self.samples > 1:  # one request per model for all its samples (vLLM's `n`), cached as one
+            per_model = await asyncio.gather(*(ask_samples(ctx, self.stage, m, path, body, self.samples, durable=True)
+                                               for m in models))
+            asked = [a for answers in per_model for a in answers]  # the voters' order: (model, sample)
+        else:
+            asked = list(await asyncio.gather(*(ask(ctx, self.stage, m, path, body, durable=True) for m in models)))
         valid = [(i, a) for i, a in enumerate(asked) if a.ok]
         if not valid:
             tiers = [entry(a, "voter", i, "failed" if a.failed else "invalid") for i, a in enumerate(asked)]
