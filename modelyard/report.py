@@ -38,7 +38,7 @@ def stage_table(manifest: dict[str, Any]) -> Table:
         t.add_row(name, model, s["kind"], str(s["ran"]), str(s["skipped"]), str(s["errors"]), str(s["cached"]),
                   f"{s['prompt_tokens']}/{s['completion_tokens']}", f"{s['rows_per_s']:.1f}",
                   f"{s['tokens_per_s']:.0f}", f"{_ms(s.get('latency_ms_p50'))}/{_ms(s.get('latency_ms_p95'))}",
-                  *((_money(cost.get("total")), _money(cost.get("per_row"))) if priced else ()))
+                  *((money(cost.get("total")), money(cost.get("per_row"))) if priced else ()))
     return t
 
 
@@ -54,9 +54,9 @@ def print_stages(console: Console, manifest: dict[str, Any]) -> None:
                 console.print(f"{name}: {note}", highlight=False, soft_wrap=True)
     cost = manifest.get("cost")
     if cost:
-        console.print("cost: total " + _money(cost["total"]) + "; by model " +
-                      ", ".join(f"{m} {_money(c)}" for m, c in cost["by_model"].items()) + "; by stage " +
-                      ", ".join(f"{n} {_money(c)}" for n, c in cost["by_stage"].items()), highlight=False,
+        console.print("cost: total " + money(cost["total"]) + "; by model " +
+                      ", ".join(f"{m} {money(c)}" for m, c in cost["by_model"].items()) + "; by stage " +
+                      ", ".join(f"{n} {money(c)}" for n, c in cost["by_stage"].items()), highlight=False,
                       soft_wrap=True)
 
 
@@ -108,7 +108,7 @@ def stage_note(s: dict) -> str:
         if cal:
             parts.append(f"calibrated on {cal['rows']} rows: agreement {cal['agreement']} (target {cal['target']})")
         if cost.get("all_last_tier") is not None:
-            parts.append(f"all rows on the last tier would cost {cost['all_last_tier']:.6g}")
+            parts.append(f"all rows on the last tier would cost {money(cost['all_last_tier'])}")
     elif kind == "vote":
         hist = s.get("agreement") or {}
         parts.append("agreement " + ", ".join(f"{k}: {v}" for k, v in sorted(hist.items(), reverse=True)))
@@ -137,12 +137,22 @@ def tier_table(manifest: dict[str, Any]) -> Table | None:
         t.add_column(c, justify="right" if c in ("asked", "answered", "cost") else "left")
     for r in rows:
         t.add_row(r["stage"], r["model"], str(r["rows"]), str(r["ran"]),
-                  f"{r['prompt_tokens']}/{r['completion_tokens']}", _money(r["cost"]), r["note"])
+                  f"{r['prompt_tokens']}/{r['completion_tokens']}", money(r["cost"]), r["note"])
     return t
 
 
-def _money(v) -> str:
-    return "-" if v is None else f"{v:.6g}"
+def money(v) -> str:
+    """A cost in the prices' unit, to three significant digits and never in e-notation
+    (0.0000237, not 2.36826e-05; 1234.57 for large ones): per-row costs are small numbers people compare by eye."""
+    if v is None:
+        return "-"
+    if v == 0:
+        return "0"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    import numpy as np
+
+    return np.format_float_positional(v, precision=3, unique=False, fractional=False, trim="-")
 
 
 def _ms(v) -> str:
@@ -219,7 +229,7 @@ def print_row(console: Console, output: str, key: str) -> None:
             if k != "tiers":
                 console.print(f"  {k}: {v}", highlight=False)
         if name in costs:
-            console.print(f"  cost: {_money(costs[name])}", highlight=False)
+            console.print(f"  cost: {money(costs[name])}", highlight=False)
         for e in rec.get("tiers") or []:
             conf = "-" if e["confidence"] is None else f"{e['confidence']:.3f}"
             console.print(f"  {e['role']} {e['tier']} {e['model']}: {e['answer']!r} confidence {conf} -> "

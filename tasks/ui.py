@@ -15,7 +15,7 @@ import re
 from typing import Any
 from uuid import UUID
 
-from modelyard.report import stage_note, stage_rows
+from modelyard.report import money, stage_note, stage_rows
 
 log = logging.getLogger("modelyard")
 
@@ -105,7 +105,7 @@ def summary_markdown(manifest: dict[str, Any]) -> str:
         lines += ["", "## Cascades, votes and routes", ""] + [f"- **{n}**: {note}" for n, note in notes]
     cost = manifest.get("cost")
     if cost:
-        lines += ["", f"## Cost: {cost['total']:.6g}", "", "| stage | cost | per row | all rows on the last tier |",
+        lines += ["", f"## Cost: {money(cost['total'])}", "", "| stage | cost | per row | all rows on the last tier |",
                   "|---|---|---|---|"]
         for n, s in manifest["stages"].items():
             c = s.get("cost") or {}
@@ -115,7 +115,7 @@ def summary_markdown(manifest: dict[str, Any]) -> str:
 
 
 def _num(v) -> str:
-    return "-" if v is None else f"{v:.6g}"
+    return money(v)
 
 
 def publish_run(manifest: dict[str, Any]) -> None:
