@@ -73,16 +73,19 @@ class Job:
         if self._stages is None:
             from modelyard.strategies import strategy_for
 
-            self._stages = []
+            # built aside and published whole: the shards of one run share this job across threads,
+            # and a shard must never see a list still being filled (it did: IndexError, then a retry)
+            stages = []
             for s in self.config.stages:
                 first = s.models_used[0]
                 rt = self.models.get(first)
                 st = Stage(s, self.config.models[first], rt.served_name if rt else first, Path(self.base_dir),
                            rt.dimensions if rt else None)
-                span = (self.wave_tiers or {}).get(len(self._stages))
+                span = (self.wave_tiers or {}).get(len(stages))
                 st.strategy = strategy_for(st, self.config, Path(self.base_dir), self.thresholds.get(s.name), span)
                 st.reads = st.reads | st.strategy.reads
-                self._stages.append(st)
+                stages.append(st)
+            self._stages = stages
         return self._stages
 
     def active(self) -> list[Stage]:

@@ -326,3 +326,35 @@ def test_a_good_cascade_vote_and_route_validate(tmp_path, data):
     assert check(loaded) == []
     st = loaded.config.stages[0]
     assert st.calibrate is not None and st.calibrate.rows == 200 and st.models_used == ["a", "b", "c"]
+
+
+def test_shards_sharing_a_job_across_threads_never_see_its_stages_half_compiled(tmp_path, monkeypatch):
+    """Prefect's thread runner hands one Job to every shard task of a run; the stages it compiles on
+    first use are published whole (a half-filled list made shards fail with IndexError and retry)."""
+    import threading
+    import time
+
+    import modelyard.strategies as strategies
+    from modelyard.job import Job
+
+    cfg = parse_config(HEAD + textwrap.indent(textwrap.dedent("""
+        - {name: s1, model: a, prompt: "{{ t }}", output: o1}
+        - {name: s2, model: b, prompt: "{{ t }}", output: o2}
+        - {name: s3, model: c, prompt: "{{ t }}", output: o3}
+    """).strip(), "  "), "t.yaml")
+    real = strategies.strategy_for
+
+    def slow(*a, **kw):
+        time.sleep(0.05)  # widen the window between one stage and the next
+        return real(*a, **kw)
+
+    monkeypatch.setattr(strategies, "strategy_for", slow)
+    job = Job(config=cfg, base_dir=str(tmp_path), job_key="k", output_root=str(tmp_path / "out"), run_id="r",
+              models={})
+    seen: list[int] = []
+    first = threading.Thread(target=lambda: seen.append(len(job.stages())))
+    first.start()
+    time.sleep(0.07)  # the first thread is between stages
+    seen.append(len(job.active()))
+    first.join()
+    assert seen == [3, 3]  # whichever thread compiled them, both saw all three stages
