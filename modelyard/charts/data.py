@@ -159,7 +159,7 @@ def run_facts(src: Source) -> dict[str, Any]:
             "committed": m["timing"]["committed"], "wall_s": m["timing"]["wall_s"],
             "errors": m["errors"]["rows"], "files": len(m["files"]),
             "cost": (m.get("cost") or {}).get("total"),
-            "stages": {n: {k: s.get(k) for k in ("model", "kind", "strategy", "rows", "ran", "skipped", "errors",
+            "stages": {n: {k: s.get(k) for k in ("model", "models", "kind", "strategy", "rows", "ran", "skipped", "errors",
                                                   "cached", "prompt_tokens", "completion_tokens", "rows_per_s",
                                                   "tokens_per_s", "latency_ms_p50", "latency_ms_p95")}
                        for n, s in m["stages"].items()}}

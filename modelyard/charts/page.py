@@ -37,7 +37,7 @@ run <code>{{ r.run_id }}</code>{% if r.cost is not none %}, cost {{ '%.4g'|forma
 <table><tr><th class="l">stage</th>{% if runs|length > 1 %}<th class="l">partition</th>{% endif %}<th class="l">model</th><th class="l">kind</th>
 <th>rows</th><th>ran</th><th>skipped</th><th>errors</th><th>cached</th><th>tokens in/out</th><th>rows/s</th><th>p50/p95 ms</th></tr>
 {% for r in runs %}{% for name, s in r.stages.items() %}<tr><td>{{ name }}</td>{% if runs|length > 1 %}<td class="l">{{ r.label }}</td>{% endif %}
-<td class="l">{{ s.model or s.strategy or '-' }}</td><td class="l">{{ s.kind }}</td><td>{{ s.rows }}</td><td>{{ s.ran }}</td><td>{{ s.skipped }}</td>
+<td class="l">{% if s.strategy and s.strategy != 'single' and s.models %}{{ s.strategy }}: {{ s.models|join(', ') }}{% else %}{{ s.model or s.strategy or '-' }}{% endif %}</td><td class="l">{{ s.kind }}</td><td>{{ s.rows }}</td><td>{{ s.ran }}</td><td>{{ s.skipped }}</td>
 <td>{{ s.errors }}</td><td>{{ s.cached }}</td><td>{{ s.prompt_tokens }}/{{ s.completion_tokens }}</td><td>{{ s.rows_per_s }}</td>
 <td>{{ s.latency_ms_p50 | ms }}/{{ s.latency_ms_p95 | ms }}</td></tr>
 {% endfor %}{% endfor %}</table>
