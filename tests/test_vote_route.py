@@ -18,6 +18,14 @@ from tests.test_cascade import two as two  # noqa: F401,PLC0414  (the two-server
 pytestmark = pytest.mark.engine
 
 TOPICS = ["work", "life", "money", "other"]
+TOPIC_VOTE = f"""
+  - name: topic
+    prompt: "Topic of: {{{{ body }}}}"
+    choice: {TOPICS}
+    params: {{temperature: 0, max_tokens: 4}}
+    vote: {{models: [small, big]}}
+    output: topic
+"""  # a vote of the two models on a choice, greedy
 
 
 def majority(values: list) -> tuple:
@@ -27,13 +35,7 @@ def majority(values: list) -> tuple:
 
 
 def test_a_vote_of_two_models_and_a_vote_of_three_samples(two, prefect_harness, tmp_path):
-    stages = f"""
-  - name: topic
-    prompt: "Topic of: {{{{ body }}}}"
-    choice: {TOPICS}
-    params: {{temperature: 0, max_tokens: 4}}
-    vote: {{models: [small, big]}}
-    output: topic
+    stages = TOPIC_VOTE + f"""
   - name: mood
     prompt: "Mood of: {{{{ body }}}}"
     choice: [calm, angry, happy]
@@ -128,14 +130,7 @@ def test_a_route_by_prompt_length_sends_each_server_exactly_its_rows(two, prefec
 
 
 def test_sigkill_in_a_vote_then_resume_re_asks_no_voter_that_had_answered(two, prefect_server, tmp_path):
-    stage = f"""
-  - name: topic
-    prompt: "Topic of: {{{{ body }}}}"
-    choice: {TOPICS}
-    params: {{temperature: 0, max_tokens: 4}}
-    vote: {{models: [small, big]}}
-    output: topic
-"""
+    stage = TOPIC_VOTE
     cfg = config(tmp_path, two, stage, shard_rows=30)
     env = {"PREFECT_API_URL": prefect_server}
     r = run_cli("run", str(cfg), env={**env, "MODELYARD_FAILPOINT": "reply:topic@big:10"})
