@@ -13,8 +13,9 @@ input came: rows that start together arrive within one turn of the event loop, a
 linger also catches rows that finish an earlier stage a moment apart.
 
 The batches ask for ``encoding_format: base64`` (float32, as the OpenAI API defines it) and
-hand each row the float list decoded from it: the same values as a ``float`` reply, without
-formatting and parsing every number as text (hundreds of microseconds per 384-float vector).
+hand each row its vector as a ``Vector`` of those bytes (``modelyard.vectors``): the same values
+as a ``float`` reply, without formatting and parsing every number as text (hundreds of
+microseconds per 384-float vector), nor a Python float per value.
 
 Per row:
 - **usage**: vLLM reports one ``prompt_tokens`` for a whole request, not per input. A row alone
@@ -34,11 +35,8 @@ Per row:
 
 from __future__ import annotations
 
-import array
 import asyncio
-import binascii
 import json
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +44,7 @@ from typing import Any
 import aiohttp
 
 from modelyard.client import Pool, Reply, RequestFailed, post
+from modelyard.vectors import Vector
 
 DEFAULT_BATCH_SIZE = 32
 # Seconds a batch that is not full waits for more rows. Measured (benchmarks/README.md): with
@@ -205,18 +204,14 @@ def _vectors(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
     return [{**d, "index": 0, "embedding": _floats(d.get("embedding"))} for d in data]
 
 
-def _floats(vec: Any) -> list[float]:
-    """A vector as the float list a ``float`` reply holds: base64 of little-endian float32 decoded
-    (the same float32 values vLLM's float lists hold, without parsing hundreds of numbers as text)."""
+def _floats(vec: Any) -> list[float] | Vector:
+    """A vector as the reply holds it: a float list as it is, base64 (little-endian float32) as a
+    ``Vector`` of those bytes, without making a Python float of every value."""
     if isinstance(vec, list):
         return vec
     if not isinstance(vec, str):
         raise ValueError(f"an embedding is {type(vec).__name__}, not a list or base64")
-    a = array.array("f")
-    a.frombytes(binascii.a2b_base64(vec))
-    if sys.byteorder == "big":
-        a.byteswap()
-    return a.tolist()
+    return Vector.from_base64(vec)
 
 
 def _split_tokens(usage: dict[str, Any], texts: list[Any]) -> list[int | None]:

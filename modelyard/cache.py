@@ -6,14 +6,15 @@ input, sampling params with the seed, structured-output constraint). Changing on
 prompt changes only that stage's keys, and those of later stages whose rendered inputs change.
 
 SQLite in WAL mode with a busy timeout is safe for several writers on one machine (threads,
-processes, concurrent backfill runs). Only valid replies are stored: an error or an invalid
-output is asked again next time.
+processes, concurrent backfill runs). What is stored is decided by ``modelyard.asking``: every
+reply of a deterministic request, valid or not, and a refusal (HTTP 400).
 
 A reply is stored as compact JSON, zlib-compressed when it is over 1 KB (small replies cost
 more to compress than to store), and an embedding reply as JSON without its vectors followed by
-the vectors as float64 (exact for any JSON number, and a few microseconds instead of the
-hundreds that formatting and parsing 384 floats as text take). ``get`` reads all three, and
-the zlib-compressed JSON that earlier versions wrote.
+the vectors' bytes: float32 for vectors that came as base64 (``Vector``, the bytes as they came),
+float64 for float lists (exact for any JSON number); a few microseconds instead of the hundreds
+that formatting and parsing 384 floats as text take. ``get`` reads all of them, and the
+zlib-compressed JSON that earlier versions wrote.
 
 Writes are buffered: ``put`` keeps the entry in memory (where ``get`` of this process finds it at
 once) and writes the buffer in one transaction when it holds ``FLUSH_ROWS`` entries, when its
@@ -37,6 +38,9 @@ import time
 import zlib
 from pathlib import Path
 from typing import Any
+
+from modelyard import fastjson
+from modelyard.vectors import Vector
 
 SCHEMA = """
 create table if not exists replies (
@@ -63,9 +67,8 @@ def runtime_key(model_id: str, revision: str, engine: str) -> str:
     return json.dumps([model_id, revision, engine])
 
 
-# json.dumps with options builds an encoder per call; these are built once (same output)
+# json.dumps with options builds an encoder per call; this one is built once (same output)
 _KEY_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def request_key(model_id: str, revision: str, path: str, body: dict[str, Any]) -> str:
@@ -87,7 +90,8 @@ def deterministic(path: str, body: dict[str, Any]) -> bool:
 FLUSH_ROWS = 512
 FLUSH_SECONDS = 1.0
 COMPRESS_OVER = 1024  # bytes of JSON
-VECTORS = b"\x00V1"  # blob tag of an embedding reply with binary vectors (starts neither JSON nor zlib)
+VECTORS = b"\x00V1"  # blob tag of an embedding reply with float64 vectors (starts neither JSON nor zlib)
+VECTORS32 = b"\x00V2"  # ... with float32 vectors (replies that came as base64)
 
 
 def encode_reply(reply: dict[str, Any]) -> bytes:
@@ -95,43 +99,55 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
     packed = _pack_vectors(reply)
     if packed is not None:
         return packed
-    data = _COMPACT_JSON(reply).encode()
+    data = fastjson.dumps(reply)
     return data if len(data) <= COMPRESS_OVER else zlib.compress(data, 1)
 
 
 def decode_reply(blob: bytes) -> dict[str, Any]:
     if blob[:1] == b"{":
-        return json.loads(blob)
-    if blob[:3] == VECTORS:
+        return fastjson.loads(blob)
+    if blob[:3] in (VECTORS, VECTORS32):
         return _unpack_vectors(blob)
-    return json.loads(zlib.decompress(blob))
+    return fastjson.loads(zlib.decompress(blob))
 
 
 def _pack_vectors(reply: dict[str, Any]) -> bytes | None:
-    """An embedding reply (``data`` items with float-list ``embedding``) as JSON head + float64s."""
+    """An embedding reply (``data`` items with float-list or ``Vector`` ``embedding``) as its JSON
+    head followed by the vectors' bytes: float32 when every vector is a ``Vector`` (base64 on the
+    wire: the values as they came), else float64 (exact for any JSON number)."""
     data = reply.get("data")
     if not isinstance(data, list) or not data:
         return None
-    arrays = []
-    for d in data:
-        v = d.get("embedding") if isinstance(d, dict) else None
-        if not isinstance(v, list):
-            return None
-        try:
-            arrays.append(array.array("d", v))  # numbers (an integer comes back as the equal float)
-        except TypeError:
-            return None
-    if sys.byteorder == "big":
-        for a in arrays:
-            a.byteswap()
-    head = _COMPACT_JSON({**reply, "data": [{**d, "embedding": len(a)} for d, a in zip(data, arrays)]}).encode()
-    return b"".join([VECTORS, len(head).to_bytes(4, "little"), head, *(a.tobytes() for a in arrays)])
+    vecs = [d.get("embedding") if isinstance(d, dict) else None for d in data]
+    if all(type(v) is Vector for v in vecs):
+        tag, blobs = VECTORS32, [v.le_bytes() for v in vecs]
+    else:
+        blobs = []
+        for v in vecs:
+            if not isinstance(v, list):
+                return None
+            try:
+                a = array.array("d", v)  # numbers (an integer comes back as the equal float)
+            except TypeError:
+                return None
+            if sys.byteorder == "big":
+                a.byteswap()
+            blobs.append(a.tobytes())
+        tag = VECTORS
+    head = fastjson.dumps({**reply, "data": [{**d, "embedding": len(v)} for d, v in zip(data, vecs)]})
+    return b"".join([tag, len(head).to_bytes(4, "little"), head, *blobs])
 
 
 def _unpack_vectors(blob: bytes) -> dict[str, Any]:
     n = int.from_bytes(blob[3:7], "little")
-    reply = json.loads(blob[7:7 + n])
+    reply = fastjson.loads(blob[7:7 + n])
     pos = 7 + n
+    if blob[:3] == VECTORS32:
+        for d in reply["data"]:
+            end = pos + 4 * d["embedding"]
+            d["embedding"] = Vector(blob[pos:end])
+            pos = end
+        return reply
     for d in reply["data"]:
         a = array.array("d")
         a.frombytes(blob[pos:pos + 8 * d["embedding"]])

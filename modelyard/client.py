@@ -29,6 +29,8 @@ import aiohttp
 import yarl
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from modelyard import fastjson
+
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -208,7 +210,7 @@ async def post(client: aiohttp.ClientSession, pool: Pool, path: str, body: dict[
 
     The body is encoded once for every attempt. A request answered at once costs one attempt and
     nothing else: tenacity's retry loop is built only after a first transient failure."""
-    data = json.dumps(body).encode()
+    data = fastjson.dumps(body)
     try:
         return await _attempt(client, pool, path, data, 1)
     except _Transient as first:
@@ -258,7 +260,7 @@ async def _attempt(client: aiohttp.ClientSession, pool: Pool, path: str, data: b
     if status >= 400:
         raise RequestFailed(f"{ep.url}{path} answered {status}: {_error_text(raw)}", attempts, status)
     try:
-        reply = json.loads(raw)
+        reply = fastjson.loads(raw)
     except ValueError:
         raise RequestFailed(f"{ep.url}{path} answered {status} with a body that is not JSON: "
                             f"{_text(raw)[:300]!r}", attempts, status) from None

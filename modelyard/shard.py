@@ -21,6 +21,7 @@ from modelyard.progress import TRACKER, Tracker
 from modelyard.rows import run_rows
 from modelyard.staging import Staging, tmp_name
 from modelyard.stats import shard_stats
+from modelyard.vectors import Vector
 
 __all__ = ["CacheMiss", "Job", "ModelRuntime", "run_from_cache", "run_shard"]
 
@@ -144,17 +145,23 @@ def _tables(job: Job, stages: list, table: pa.Table, results: list) -> tuple[pa.
 
 
 def _vectors(values: list, typ: pa.FixedSizeListType) -> pa.Array:
-    """Embeddings as a fixed-size list column, through one float32 block (a list of Python lists
-    into pa.array costs several times as much per row)."""
+    """Embeddings as a fixed-size list column, through one float32 block: a ``Vector``'s bytes as
+    they are, a float list converted (a list of Python lists into pa.array costs several times as
+    much per row); a missing value is a null."""
     import numpy as np
 
-    block = np.zeros((len(values), typ.list_size), dtype=np.float32)
-    missing = []
-    for i, v in enumerate(values):
+    size = typ.list_size
+    blank = bytes(4 * size)
+    parts, missing = [], []
+    for v in values:
         if v is None:
+            parts.append(blank)
             missing.append(True)
-        else:
-            block[i] = v
-            missing.append(False)
+            continue
+        if len(v) != size:
+            raise ValueError(f"an embedding of {len(v)} values in a column of {size}")
+        parts.append(v if type(v) is Vector else np.asarray(v, dtype=np.float32).tobytes())
+        missing.append(False)
+    block = np.frombuffer(b"".join(parts), dtype=np.float32)
     mask = pa.array(missing) if any(missing) else None
-    return pa.FixedSizeListArray.from_arrays(pa.array(block.ravel(), pa.float32()), type=typ, mask=mask)
+    return pa.FixedSizeListArray.from_arrays(pa.array(block, pa.float32()), type=typ, mask=mask)

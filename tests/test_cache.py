@@ -13,6 +13,7 @@ import pytest
 from modelyard import cache as cache_mod
 from modelyard.cache import RequestCache, decode_reply, encode_reply, open_cache, request_key
 from modelyard.client import Dispatcher
+from modelyard.vectors import Vector
 
 CHAT = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
         "content": "bug"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 9, "completion_tokens": 1}}
@@ -95,7 +96,9 @@ def test_dispatcher_run_flushes_every_open_cache(tmp_path):
     {"id": "long", "text": "x" * 5000},
     embedding_reply(array.array("f", [i / 7 - 20 for i in range(384)]).tolist()),  # float32 values, as vLLM's
     embedding_reply([0.1, 1e-310, -2.5e300, 1 / 3]),  # any double: stored exactly
+    embedding_reply(Vector([i / 7 - 20 for i in range(384)])),  # as a base64 reply arrives: float32 bytes
     {"data": [{"embedding": "base64 text"}]},
+    {"note": "an integer beyond 64 bits (orjson refuses it, json takes it)", "x": 2 ** 70},
 ])
 def test_stored_forms_give_back_the_same_reply(tmp_path, reply):
     assert decode_reply(encode_reply(reply)) == reply
@@ -111,6 +114,21 @@ def test_small_replies_are_plain_json_large_ones_compressed_vectors_binary():
     vec = embedding_reply(array.array("f", [i / 7 - 20 for i in range(384)]).tolist())
     blob = encode_reply(vec)
     assert blob.startswith(cache_mod.VECTORS) and 384 * 8 < len(blob) < 384 * 8 + 300 < len(json.dumps(vec)) / 2
+    vec32 = embedding_reply(Vector(array.array("f", [i / 7 - 20 for i in range(384)]).tobytes()))
+    blob = encode_reply(vec32)
+    assert blob.startswith(cache_mod.VECTORS32) and 384 * 4 < len(blob) < 384 * 4 + 300
+    back = decode_reply(blob)["data"][0]["embedding"]
+    assert type(back) is Vector and back == vec["data"][0]["embedding"]  # the same float32 values as the list
+
+
+def test_a_reply_with_nan_or_a_lone_surrogate_is_stored_and_read_back(tmp_path):
+    """orjson refuses these; the standard library's json takes them, as before."""
+    c = RequestCache(tmp_path / "c.sqlite")
+    odd = {"choices": [{"text": "bad \udc80 byte", "logprob": float("-inf")}]}
+    c.put(key(2), "m", "r", "/completions", odd, "stop")
+    c.flush()
+    got = RequestCache(tmp_path / "c.sqlite").get(key(2))
+    assert got["choices"][0]["text"] == "bad \udc80 byte" and got["choices"][0]["logprob"] == float("-inf")
 
 
 def test_entries_written_by_earlier_versions_are_read(tmp_path):
