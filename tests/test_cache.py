@@ -139,3 +139,17 @@ def test_entries_written_by_earlier_versions_are_read(tmp_path):
         c.execute("insert into replies values (?, 'm', 'r', '/chat/completions', 'stop', ?, 0, 0)",
                   (key(1), zlib.compress(json.dumps(CHAT, separators=(",", ":")).encode(), 3)))
     assert RequestCache(path).get(key(1)) == CHAT
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": "Classify: é \"quoted\"\n\t\u2028"}], "temperature": 0, "max_tokens": 4,
+     "structured_outputs": {"choice": ["bug", "other"]}, "model": "ignored"},
+    {"input": "lone \udc80 surrogate", "truncate_prompt_tokens": -1, "z": [1.5e-05, 2 ** 70, None, True]},
+])
+def test_request_keys_are_those_of_earlier_versions(body):
+    """A user's cache stays valid across versions: the key is the sha256 of this exact JSON."""
+    import hashlib
+
+    blob = json.dumps(["m", "r", "/p", {k: v for k, v in body.items() if k != "model"}], sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False)
+    assert request_key("m", "r", "/p", body) == hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
