@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ log = logging.getLogger("modelyard")
 DEADLINE_S = 6.0
 CANCEL_POLL_S = 2.0
 API_MARKER = "prefect.server.api.server:create_app"
+_begin_lock = threading.RLock()  # re-entrant: a second signal may arrive in the main thread's handler
 _state: dict = {"watching": False, "deadline": False, "signal": None, "flow_run": None, "cancelled": False,
                 "supervised": False}
 
@@ -57,7 +59,38 @@ def install() -> None:
             raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, on_term)
+    if not _state.get("unraisable_hook"):
+        _state["unraisable_hook"] = True
+        sys.unraisablehook = _raise_lost_terminations(sys.unraisablehook)
     watch(deadline=True)
+
+
+def _raise_lost_terminations(hook):
+    """A signal's handler runs wherever the main thread is, also inside a callback whose exceptions
+    Python ignores (a weakref callback during an import, a ``__del__``): ``Terminated`` raised there
+    is printed and lost, and the run would go on until the deadline ended it. Seen: SIGTERM while
+    the servers start, the run's clean-up skipped and the process ended 6 s later. A lost
+    ``Terminated`` is delivered again, as a signal, where the main thread goes next."""
+    lost: list[int] = []
+    wake = threading.Event()
+
+    def redeliver() -> None:  # from another thread: in the main thread the handler would run (and be lost) at once
+        while True:
+            wake.wait()
+            wake.clear()
+            while lost:
+                _thread.interrupt_main(lost.pop())
+
+    threading.Thread(target=redeliver, name="modelyard-redeliver", daemon=True).start()
+
+    def on_unraisable(u):
+        if isinstance(u.exc_value, Terminated):
+            _state["raised"] = False  # nothing unwound: the next delivery raises again
+            lost.append(u.exc_value.signum)
+            wake.set()
+            return
+        hook(u)
+    return on_unraisable
 
 
 def watch(deadline: bool = False) -> None:
@@ -131,13 +164,14 @@ def _watch_cancel() -> None:
 
 def begin_stop(signum: int, reason: str | None = None) -> None:
     """Stop everything the run started, at once (idempotent); then, with a deadline, end the process."""
-    if STOPPING.is_set():
-        return
+    with _begin_lock:  # the main thread's handler and the signal thread both come here
+        if STOPPING.is_set():
+            return
+        _state["signal"] = signum
+        STOPPING.begin(reason or f"the run received {signal.Signals(signum).name}")
     from modelyard.serving import REGISTRY
 
     name = signal.Signals(signum).name
-    _state["signal"] = signum
-    STOPPING.begin(reason or f"the run received {name}")
     log.warning("%s: stopping the run's vLLM servers; finished shards are kept and a re-run resumes", name)
     threading.Thread(target=REGISTRY.stop_all, args=(STOPPING.reason,), name="modelyard-stop", daemon=True).start()
     if _state["deadline"]:
