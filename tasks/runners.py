@@ -9,6 +9,7 @@ arguments or logs.
 from __future__ import annotations
 
 import os
+import sys
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -30,10 +31,13 @@ def task_runner(cfg: PipelineConfig, kind: str | None = None) -> TaskRunner:
             from prefect_ray import RayTaskRunner
         except ImportError:
             raise ConfigError("runner ray needs prefect-ray: pip install 'modelyard[ray]'") from None
-        init: dict = {"runtime_env": {"env_vars": {**secret_env(cfg), "PYTHONPATH": _project_path()}},
-                      "include_dashboard": False, "log_to_driver": False}
+        env = {**secret_env(cfg), "PYTHONPATH": _project_path()}
+        init: dict = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": False}
         if cfg.runner.address is None:
             init["num_cpus"] = cfg.runner.num_cpus or os.cpu_count() or 2
+            api = temporary_api_url()
+            if api:  # workers on this machine report to this run's API instead of starting their own
+                env["PREFECT_API_URL"] = api
         else:
             init.pop("include_dashboard")
         return RayTaskRunner(address=cfg.runner.address, init_kwargs=init)
@@ -44,6 +48,21 @@ def task_runner(cfg: PipelineConfig, kind: str | None = None) -> TaskRunner:
             raise ConfigError("runner dask needs prefect-dask: pip install prefect-dask") from None
         return DaskTaskRunner(address=cfg.runner.address) if cfg.runner.address else DaskTaskRunner()
     raise ConfigError(f"unknown runner {kind!r}: local, ray or dask")
+
+
+def temporary_api_url() -> str | None:
+    """The API of the temporary server Prefect started in this process (no ``PREFECT_API_URL``).
+    Without it each local Ray worker started a temporary server of its own (seen: five API
+    server processes for a run on two workers), a few seconds of CPU each before its first shard."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None  # workers inherit it
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None:
+        return None
+    for srv in list(server.SubprocessASGIServer._instances.values()):
+        if srv.running:
+            return srv.api_url
+    return None
 
 
 def _project_path() -> str:
