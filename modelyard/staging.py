@@ -14,6 +14,7 @@ import io
 import json
 import os
 import posixpath
+import array
 import uuid
 from dataclasses import dataclass
 
@@ -62,7 +63,7 @@ class Staging:
         return self.path("waves", str(wave), "models.json")
 
     def write_json(self, path: str, obj: object, indent: int | None = 1) -> None:
-        write_bytes_atomic(self.fs, path, json.dumps(obj, indent=indent, default=str).encode())
+        write_bytes_atomic(self.fs, path, json.dumps(obj, indent=indent, default=_jsonable).encode())
 
     def read_json(self, path: str) -> object:
         return json.loads(self.fs.cat_file(path))
@@ -90,3 +91,11 @@ def _fsync(fh) -> None:
         os.fsync(inner.fileno())
     except (AttributeError, OSError, io.UnsupportedOperation):
         pass
+
+
+def _jsonable(value: object) -> object:
+    """What JSON cannot hold as it is: an embedding ``Vector`` (a GPU wave's rows carry them to the
+    next wave) as its float list; anything else as its text."""
+    if isinstance(value, array.array):
+        return value.tolist()
+    return str(value)

@@ -44,3 +44,16 @@ def test_the_column_takes_vectors_lists_and_nulls():
 def test_a_vector_of_the_wrong_size_is_refused_not_misaligned():
     with pytest.raises(ValueError, match="embedding of 7 values in a column of 8"):
         _vectors([Vector(VALUES), Vector(VALUES[:7])], pa.list_(pa.float32(), 8))
+
+
+def test_a_wave_file_keeps_vectors_as_their_values(tmp_path):
+    """A GPU wave's rows go to the next wave through JSON: a Vector written as its text came back
+    as a string of 8,370 characters, and the last wave's column refused it (seen in the suite)."""
+    from modelyard.staging import Staging
+
+    staging = Staging.for_job(str(tmp_path / "out"), "k")
+    path = staging.wave_shard(0, 0)
+    staging.write_json(path, {"results": [[{"embedding": Vector(VALUES)}, {}, []]]})
+    back = staging.read_json(path)["results"][0][0]["embedding"]
+    assert back == F32
+    assert _vectors([back], pa.list_(pa.float32(), 8)).to_pylist() == [F32]
