@@ -22,6 +22,7 @@ from __future__ import annotations
 import _thread
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -71,23 +72,18 @@ def _raise_lost_terminations(hook):
     is printed and lost, and the run would go on until the deadline ended it. Seen: SIGTERM while
     the servers start, the run's clean-up skipped and the process ended 6 s later. A lost
     ``Terminated`` is delivered again, as a signal, where the main thread goes next."""
-    lost: list[int] = []
-    wake = threading.Event()
+    lost: queue.SimpleQueue[int] = queue.SimpleQueue()  # put() is safe in a handler or a callback
 
     def redeliver() -> None:  # from another thread: in the main thread the handler would run (and be lost) at once
         while True:
-            wake.wait()
-            wake.clear()
-            while lost:
-                _thread.interrupt_main(lost.pop())
+            _thread.interrupt_main(lost.get())
 
     threading.Thread(target=redeliver, name="modelyard-redeliver", daemon=True).start()
 
     def on_unraisable(u):
         if isinstance(u.exc_value, Terminated):
             _state["raised"] = False  # nothing unwound: the next delivery raises again
-            lost.append(u.exc_value.signum)
-            wake.set()
+            lost.put(u.exc_value.signum)
             return
         hook(u)
     return on_unraisable
@@ -223,12 +219,17 @@ def _report_crash() -> None:
     done.wait(2.0)
 
 
-def stop_api_server() -> None:
-    """Stop Prefect's temporary API server if this process started one."""
+def temporary_api_servers() -> list:
+    """The temporary API servers Prefect started in this process (none when it was not imported)."""
     server_mod = sys.modules.get("prefect.server.api.server")
     if server_mod is None:
-        return
-    for srv in list(server_mod.SubprocessASGIServer._instances.values()):
+        return []
+    return [srv for srv in list(server_mod.SubprocessASGIServer._instances.values()) if srv.running]
+
+
+def stop_api_server() -> None:
+    """Stop Prefect's temporary API server if this process started one."""
+    for srv in temporary_api_servers():
         try:
             srv.stop()
         except Exception:  # noqa: BLE001

@@ -9,7 +9,6 @@ arguments or logs.
 from __future__ import annotations
 
 import os
-import sys
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -56,13 +55,10 @@ def temporary_api_url() -> str | None:
     server processes for a run on two workers), a few seconds of CPU each before its first shard."""
     if os.environ.get("PREFECT_API_URL"):
         return None  # workers inherit it
-    server = sys.modules.get("prefect.server.api.server")
-    if server is None:
-        return None
-    for srv in list(server.SubprocessASGIServer._instances.values()):
-        if srv.running:
-            return srv.api_url
-    return None
+    from modelyard.lifecycle import temporary_api_servers
+
+    servers = temporary_api_servers()
+    return servers[0].api_url if servers else None
 
 
 def _project_path() -> str:
