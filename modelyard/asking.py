@@ -16,8 +16,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from modelyard import failpoints
 from modelyard.batching import embed
-from modelyard.cache import RequestCache, deterministic, request_key
+from modelyard.cache import RequestCache, StageKeys, deterministic
 from modelyard.client import Pool, RequestFailed, post
 from modelyard.confidence import confidence, logprob_params
 from modelyard.failpoints import failpoint
@@ -39,13 +40,23 @@ class Context:
     job: Job
     prefetched: dict[tuple[int, str], tuple[str, dict | None]] = field(default_factory=dict)
     _flushing: asyncio.Future | None = field(default=None, repr=False)
+    _keys: dict[tuple[int, str], StageKeys] = field(default_factory=dict, repr=False)
 
     def cache_key(self, st: Stage, model: str, path: str, body: dict[str, Any]) -> str | None:
         """The request cache's key of ``body`` as ``ask`` sends it (None: not cached)."""
         if self.cache is None or not (self.job.cache_nondeterministic or deterministic(path, body)):
             return None
-        rt = self.job.models[model]
-        return request_key(rt.model_id, rt.revision, path, {**body, "model": rt.served_name})
+        return self.key_of(st, model, path, body)
+
+    def key_of(self, st: Stage, model: str, path: str, body: dict[str, Any]) -> str:
+        """``request_key`` of a request to ``model``, through the stage's ``StageKeys`` (the body's
+        fixed part encoded once per stage and model, not once per row)."""
+        keys = self._keys.get((id(st), model))
+        if keys is None:
+            rt = self.job.models[model]
+            keys = self._keys[(id(st), model)] = StageKeys(rt.model_id, rt.revision, st.path, st.body_of(None),
+                                                            st.prompt_field)
+        return keys(path, body)
 
     def prefetch(self, st: Stage, model: str, requests: list[tuple[str, dict[str, Any]] | None]) -> None:
         """Read the cached replies of many rows' requests to ``model`` at once; ``ask`` takes them."""
@@ -134,7 +145,7 @@ async def _ask(ctx: Context, st: Stage, model: str, path: str, body: dict[str, A
         if known is not None:
             key, reply = known
         else:
-            key = request_key(rt.model_id, rt.revision, path, body)
+            key = ctx.key_of(st, model, path, body)
             reply = cache.get(key, accept_truncated=not job.retry_truncated)
         if reply is not None:
             answers = _answers(st, model, reply, want_confidence, n)
@@ -210,6 +221,8 @@ def _answer(st: Stage, model: str, reply: dict[str, Any], want_confidence: bool)
 
 
 def _reached(st: Stage, model: str) -> None:
+    if not failpoints.SPEC:  # the names are built only when a test has set a failpoint
+        return
     failpoint(f"reply:{st.name}")
     failpoint(f"reply:{st.name}@{model}")
 

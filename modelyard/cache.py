@@ -87,6 +87,40 @@ def request_key(model_id: str, revision: str, path: str, body: dict[str, Any]) -
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class StageKeys:
+    """``request_key`` of one stage's requests to one model, whose bodies differ only in the
+    rendered prompt (``field``): the JSON and the hash of the rest are done once, and a key costs
+    the JSON of the prompt and the hash of it and of a fixed tail. A body whose other values are
+    not the very objects of ``template`` (another stage's, extra fields) is keyed the plain way,
+    so the key is always ``request_key``'s."""
+
+    _PROBE = "\x00modelyard-key\x00"
+
+    def __init__(self, model_id: str, revision: str, path: str, template: dict[str, Any], field: str):
+        self.model_id, self.revision, self.path, self.field = model_id, revision, path, field
+        self._fixed = [(k, v) for k, v in template.items() if k not in ("model", field)]
+        probe = {**{k: v for k, v in template.items() if k != "model"}, field: self._PROBE}
+        parts = _KEY_JSON([model_id, revision, path, probe]).split(_KEY_JSON(self._PROBE))
+        self._head = self._tail = None
+        if len(parts) == 2:  # else the probe's text is in the body itself: every key the plain way
+            self._head = hashlib.sha256(parts[0].encode("utf-8", "surrogatepass"))
+            self._tail = parts[1].encode("utf-8", "surrogatepass")
+
+    def __call__(self, path: str, body: dict[str, Any]) -> str:
+        if self._head is None or path != self.path or not self._same_rest(body):
+            return request_key(self.model_id, self.revision, path, body)
+        h = self._head.copy()
+        h.update(_KEY_JSON(body[self.field]).encode("utf-8", "surrogatepass"))
+        h.update(self._tail)
+        return h.hexdigest()
+
+    def _same_rest(self, body: dict[str, Any]) -> bool:
+        if self.field not in body or len(body) - ("model" in body) != len(self._fixed) + 1:
+            return False
+        missing = object()
+        return all(body.get(k, missing) is v for k, v in self._fixed)
+
+
 def deterministic(path: str, body: dict[str, Any]) -> bool:
     """Whether the same request gives the same answer: greedy, or seeded sampling, or an embedding."""
     if path == "/embeddings":

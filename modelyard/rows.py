@@ -140,7 +140,7 @@ async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker
         resume = lineage.get(st.name) if lineage.get(st.name, {}).get("_pending") is not None else None
         if prior and st.name in lineage and resume is None:
             continue  # finished in an earlier wave (a cascade whose tiers the waves split)
-        model = st.cfg.models_used[0]
+        model = st.lead_model
         rec = lineage[st.name] = new_record(st, job.models[model] if model in job.models else _Unknown(model))
         if st.strategy.multi:
             rec.update(confidence=None, tier=None, tiers=None)

@@ -129,6 +129,10 @@ class Stage:
             except re.error as e:
                 raise ConfigError(f"stages.{c.name}.regex: {e}") from None
         self.embed = self.model.task == "embed"
+        self.lead_model = c.models_used[0] if c.models_used else None  # whose lineage a row starts with
+        self._constraint = self.constraint_body()  # one object: the cache keys a stage's bodies by it
+        self.path, self.prompt_field = ("/embeddings", "input") if self.embed else (
+            ("/chat/completions", "messages") if c.api == "chat" else ("/completions", "prompt"))
         self.arrow_type = self._arrow_type()
         self.prompt_reads = self.template.variables | (self.system.variables if self.system else set())
         self.reads = self.template.variables | (self.system.variables if self.system else set()) | (
@@ -157,25 +161,26 @@ class Stage:
         return None
 
     def request(self, row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """The (path, body) of the request for one row; may raise RenderError."""
+        """The (path, body) of the request for one row; may raise RenderError. The bodies of a
+        stage's rows differ only in ``prompt_field`` (``body_of``): the request cache keys them
+        with the rest encoded once (``Context.cache_key``)."""
         text = self.template.render(row)
+        if self.prompt_field == "messages":
+            messages = [{"role": "system", "content": self.system.render(row)}] if self.system else []
+            return self.path, self.body_of([*messages, {"role": "user", "content": text}])
+        return self.path, self.body_of(text)
+
+    def body_of(self, prompt: Any) -> dict[str, Any]:
+        """The request body with ``prompt`` (rendered input, prompt or messages) in ``prompt_field``."""
         if self.embed:
-            body = {"model": self.served_name, "input": text}
+            body = {"model": self.served_name, "input": prompt}
             if self.cfg.truncate:  # cut to the model's context rather than refused (lineage says `length`)
                 body[TRUNCATE] = -1
-            return "/embeddings", body
-        body: dict[str, Any] = {"model": self.served_name, **self.cfg.params}
-        if self.cfg.api == "chat":
-            messages = [{"role": "system", "content": self.system.render(row)}] if self.system else []
-            body["messages"] = [*messages, {"role": "user", "content": text}]
-            path = "/chat/completions"
-        else:
-            body["prompt"] = text
-            path = "/completions"
-        constraint = self.constraint_body()
-        if constraint is not None:
-            body["structured_outputs"] = constraint
-        return path, body
+            return body
+        body: dict[str, Any] = {"model": self.served_name, **self.cfg.params, self.prompt_field: prompt}
+        if self._constraint is not None:
+            body["structured_outputs"] = self._constraint
+        return body
 
     def parse(self, body: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """(value, lineage facts) from a reply; raises OutputInvalid with the raw text."""

@@ -153,3 +153,28 @@ def test_request_keys_are_those_of_earlier_versions(body):
     blob = json.dumps(["m", "r", "/p", {k: v for k, v in body.items() if k != "model"}], sort_keys=True,
                       separators=(",", ":"), ensure_ascii=False)
     assert request_key("m", "r", "/p", body) == hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def test_stage_keys_are_request_keys():
+    """A stage's keys, with the body's fixed part encoded once, are ``request_key``'s; any body
+    that is not the stage's (other values, other objects, extra fields, another path) is keyed the
+    plain way, and so is a body holding the probe's own text."""
+    from modelyard.cache import StageKeys
+
+    choice = {"choice": ["bug", "other"]}
+    template = {"model": "served", "temperature": 0, "max_tokens": 4, "messages": None, "structured_outputs": choice}
+    keys = StageKeys("m", "r", "/chat/completions", template, "messages")
+    for text in ("Classify: é \"q\"\n", "lone \udc80", ""):
+        body = {**template, "messages": [{"role": "user", "content": text}]}
+        assert keys("/chat/completions", body) == request_key("m", "r", "/chat/completions", body)
+        others = [{**body, "structured_outputs": {"choice": ["bug", "other"]}, "temperature": 0.0},
+                  {**body, "logprobs": True}, {k: v for k, v in body.items() if k != "max_tokens"},
+                  {k: v for k, v in body.items() if k != "model"}]
+        for other in others:
+            assert keys("/chat/completions", other) == request_key("m", "r", "/chat/completions", other)
+        assert keys("/completions", body) == request_key("m", "r", "/completions", body)
+    assert keys("/chat/completions", template) != keys("/chat/completions", {**template, "temperature": 0.0})
+    odd = {**template, "stop": [StageKeys._PROBE]}
+    probe = StageKeys("m", "r", "/chat/completions", odd, "messages")
+    body = {**odd, "messages": [{"role": "user", "content": "x"}]}
+    assert probe._head is None and probe("/chat/completions", body) == request_key("m", "r", "/chat/completions", body)

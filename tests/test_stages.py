@@ -442,3 +442,31 @@ def test_params_hash_ignores_key_order(tmp_path):
     a = hashed(tmp_path, params="{temperature: 0, max_tokens: 4}")
     b = hashed(tmp_path, params="{max_tokens: 4, temperature: 0}")
     assert a == b
+
+
+def test_a_stages_bodies_differ_only_in_the_prompt_and_are_keyed_as_such(tmp_path):
+    """The request cache keys a stage's bodies by what ``Stage.request`` leaves unchanged."""
+    from modelyard.cache import StageKeys, request_key
+
+    for body in ("""
+        - name: c
+          model: gen
+          output: label
+          prompt: "Classify: {{ text }}"
+          system: "You are {{ lang }}"
+          choice: [bug, other]
+          params: {temperature: 0, max_tokens: 4}
+        """, """
+        - name: c
+          model: gen
+          api: completion
+          output: label
+          prompt: "Classify: {{ text }}"
+          params: {temperature: 0}
+        """):
+        st = stage(tmp_path, body)
+        keys = StageKeys("m", "r", st.path, st.body_of(None), st.prompt_field)
+        bodies = [st.request({**ROW, "text": t})[1] for t in ("a", "b")]
+        assert {k for k in bodies[0] if bodies[0][k] != bodies[1][k]} == {st.prompt_field}
+        for b in bodies:
+            assert keys(st.path, b) == request_key("m", "r", st.path, b) and keys._same_rest(b)

@@ -358,3 +358,22 @@ def test_shards_sharing_a_job_across_threads_never_see_its_stages_half_compiled(
     seen.append(len(job.active()))
     first.join()
     assert seen == [3, 3]  # whichever thread compiled them, both saw all three stages
+
+
+def test_one_answers_lineage_is_the_general_sums_of_one():
+    """``Outcome.record`` of one model asked once takes a short way; it gives what the sums over
+    the attempts give for that one attempt."""
+    from types import SimpleNamespace
+
+    from modelyard.asking import Answer
+    from modelyard.strategies.base import Outcome
+
+    job = SimpleNamespace(models={"m": SimpleNamespace(model_id="org/m", revision="abc", engine_version="0.1")})
+    answers = [Answer("m", "x", True, finish_reason="stop", prompt_tokens=11, completion_tokens=3,
+                      latency_ms=12.34567, attempts=2, endpoint="http://e/v1"),
+               Answer("m", cached=True, attempts=0, latency_ms=0.0, endpoint="cache", prompt_tokens=5),
+               Answer("m", failed=True, attempts=3, error="refused")]
+    for a in answers:
+        short = Outcome(a).record(job)
+        general = Outcome(a, asked=[a]).record(job)  # the same attempt through the sums
+        assert short == general and type(short["cached"]) is bool

@@ -141,3 +141,31 @@ def test_a_column_named_row_does_not_break_rendering():
     row = {"row": 7, "text": "t"}
     assert Template("{{ row['row'] }} {{ text }}").render(row) == "7 t"
     assert Condition("row['row'] == 7 and text == 't'")(row) is True
+
+
+@pytest.mark.parametrize("source", [
+    "Classify this ticket: {{ text }}", "{{text}}{{ n }}", "a {{ text }}\r\nb {{ tags }}\n", "{{- text -}}  x ",
+    "", "no columns", "{# a comment #}{{ missing_value }}|{{ n }}", "{% raw %}{{ text }}{% endraw %} {{ text }}",
+    "é {{ text }} \u2028",
+])
+def test_plain_templates_render_as_jinja_does(source):
+    """Text and bare ``{{ column }}`` are joined without Jinja's per-call context: the same text."""
+    t = Template(source)
+    assert t._plain is not None
+    for row in (ROW, {**ROW, "text": 1.5, "n": None}, {**ROW, "text": {"k": [1, "x"]}, "n": True}):
+        assert t.render(row) == t._tmpl.render({**row, "row": row})
+
+
+def test_other_templates_and_bad_rows_go_through_jinja():
+    for source in ("{{ text | upper }}", "{{ row.text }}", "{{ row }}", "{% if n %}x{% endif %}", "{{ n + 1 }}"):
+        assert Template(source)._plain is None
+    t = Template("Classify: {{ txt }}")
+    assert t._plain is not None
+    with pytest.raises(RenderError, match="'txt' is undefined"):
+        t.render(ROW)  # the message is Jinja's
+
+    class Bad:
+        def __str__(self):
+            raise ValueError("no text")
+    with pytest.raises(RenderError, match="ValueError: no text"):
+        Template("{{ text }}").render({"text": Bad()})

@@ -48,6 +48,13 @@ class Outcome:
         """The row's lineage fields of the stage (the base fields come from ``new_record``)."""
         a = self.answer
         rt = job.models[a.model]
+        if not self.asked and self.carried is None and self.tiers is None and self.pending is None:
+            # one model asked once (most rows of most stages): the general sums below, for one answer
+            lat = a.latency_ms
+            return {"model": rt.model_id, "model_revision": rt.revision, "engine_version": rt.engine_version,
+                    "finish_reason": a.finish_reason, "endpoint": a.endpoint, "prompt_tokens": a.prompt_tokens,
+                    "completion_tokens": a.completion_tokens, "latency_ms": None if lat is None else round(lat, 3),
+                    "attempts": a.attempts, "cached": bool(a.cached)}
         rec = {"model": rt.model_id, "model_revision": rt.revision, "engine_version": rt.engine_version,
                "finish_reason": a.finish_reason, "endpoint": a.endpoint}
         asked = self.asked or [a]
