@@ -101,7 +101,8 @@ def _prompt(ready) -> str:
         return ""
     body = ready[1]
     if "messages" in body:
-        return "\0".join(m["content"] for m in body["messages"])
+        messages = body["messages"]
+        return messages[0]["content"] if len(messages) == 1 else "\0".join(m["content"] for m in messages)
     return "" if "input" in body else str(body.get("prompt", ""))
 
 
@@ -137,9 +138,11 @@ async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker
         outputs, lineage, errors, failed, skipped, values = _resume(job, prior)
         row.update(values)
     for st in stages:
-        resume = lineage.get(st.name) if lineage.get(st.name, {}).get("_pending") is not None else None
-        if prior and st.name in lineage and resume is None:
-            continue  # finished in an earlier wave (a cascade whose tiers the waves split)
+        resume = None
+        if prior and st.name in lineage:
+            resume = lineage[st.name] if lineage[st.name].get("_pending") is not None else None
+            if resume is None:
+                continue  # finished in an earlier wave (a cascade whose tiers the waves split)
         model = st.lead_model
         rec = lineage[st.name] = new_record(st, job.models[model] if model in job.models else _Unknown(model))
         if st.strategy.multi:
@@ -158,14 +161,14 @@ async def run_row(ctx: Context, stages: list[Stage], row: dict, tracker: Tracker
             elif st.prompt_reads & skipped:
                 rec["skipped"] = True  # it reads the output of a stage skipped on this row
             else:
-                nulls = sorted(v for v in st.prompt_reads if v in row and row[v] is None)
-                if nulls:
-                    raise RenderError(f"column(s) {', '.join(nulls)} are null on this row")
-                if ready is not None and st is stages[0]:
-                    if isinstance(ready, RenderError):
-                        raise ready
-                    path, body = ready
+                if ready is not None and st is stages[0] and type(ready) is tuple:
+                    path, body = ready  # rendered by prerender, which found no null column
                 else:
+                    nulls = sorted(v for v in st.prompt_reads if v in row and row[v] is None)
+                    if nulls:
+                        raise RenderError(f"column(s) {', '.join(nulls)} are null on this row")
+                    if isinstance(ready, RenderError) and st is stages[0]:
+                        raise ready
                     path, body = st.request(row)
                 if not _has_text(body):
                     raise RenderError("the rendered prompt is empty")

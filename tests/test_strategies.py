@@ -377,3 +377,45 @@ def test_one_answers_lineage_is_the_general_sums_of_one():
         short = Outcome(a).record(job)
         general = Outcome(a, asked=[a]).record(job)  # the same attempt through the sums
         assert short == general and type(short["cached"]) is bool
+
+
+def test_rows_that_fail_before_their_request_are_error_rows_of_the_first_stage(tmp_path):
+    """The first stage's requests are rendered ahead for the whole shard; a row with a null column,
+    a template that fails on it, or an empty prompt is an error row, and no request is made (the
+    endpoint is a closed port: a request would fail with a connection error, not these)."""
+    import asyncio
+
+    from modelyard.asking import Context
+    from modelyard.job import Job, ModelRuntime
+    from modelyard.progress import Tracker
+    from modelyard.rows import run_rows
+
+    cfg = parse_config(textwrap.dedent("""
+        name: t
+        input: {uri: in.jsonl}
+        models:
+          gen: {model: some/model, endpoints: ["http://127.0.0.1:9/v1"], max_in_flight: 2}
+        output: {uri: out}
+        stages:
+          - {name: s, model: gen, prompt: "{{ text }}{{ m }}", output: y, params: {temperature: 0}}
+          - {name: t, model: gen, prompt: "{{ y }}", output: z, params: {temperature: 0}}
+        """), "t.yaml")
+    rt = ModelRuntime("gen", "some/model", "served", ["http://127.0.0.1:9/v1"], "main", "-")
+    job = Job(cfg, str(tmp_path), "k", str(tmp_path), "run", {"gen": rt})
+    rows = [{"text": None, "m": "x"}, {"text": "a"}, {"text": "  ", "m": ""}]
+    tracker = Tracker()
+    tracker.reset(["s", "t"], len(rows), 1)
+
+    async def go():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as client:
+            return await run_rows(Context(client, job.pools(), None, job), job.stages(), rows, tracker)
+
+    results = asyncio.run(go())
+    errors = [[e["error"] for e in r[2]] for r in results]
+    upstream = "not run: upstream output(s) y failed"
+    assert errors == [["column(s) text are null on this row"], ["template error: 'm' is undefined"],
+                      ["the rendered prompt is empty"]]
+    assert [r[1]["t"]["error"] for r in results] == [upstream] * 3
+    assert all(r[1]["s"]["attempts"] == 0 for r in results) and tracker.counters["s"].errors == 3
