@@ -87,6 +87,9 @@ def request_key(model_id: str, revision: str, path: str, body: dict[str, Any]) -
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+_MISSING = object()  # no value of a body is this object
+
+
 class StageKeys:
     """``request_key`` of one stage's requests to one model, whose bodies differ only in the
     rendered prompt (``field``): the JSON and the hash of the rest are done once, and a key costs
@@ -117,8 +120,7 @@ class StageKeys:
     def _same_rest(self, body: dict[str, Any]) -> bool:
         if self.field not in body or len(body) - ("model" in body) != len(self._fixed) + 1:
             return False
-        missing = object()
-        return all(body.get(k, missing) is v for k, v in self._fixed)
+        return all(body.get(k, _MISSING) is v for k, v in self._fixed)
 
 
 def deterministic(path: str, body: dict[str, Any]) -> bool:
