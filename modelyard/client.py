@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import gc
 import json
@@ -30,6 +31,8 @@ import yarl
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from modelyard import fastjson
+from modelyard.errors import EngineError
+from modelyard.server import STOPPING
 
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -296,6 +299,9 @@ def _tune_gc() -> None:
         gc.set_threshold(*GC_THRESHOLD)
 
 
+STOP_POLL_S = 0.2
+
+
 class Dispatcher:
     """An event loop in a daemon thread shared by every shard of this process."""
 
@@ -348,12 +354,33 @@ class Dispatcher:
     def run(self, coro: Coroutine) -> Any:
         """Run a coroutine on the dispatcher loop and wait for its result.
 
+        Once the run is stopping (``STOPPING``: a signal, a cancel) the coroutine is cancelled within
+        ``STOP_POLL_S`` and this raises: a shard in flight ends without its done record, also on a
+        server the run did not start (whose requests the stop does not fail).
+
         When it returns (or raises), every reply the coroutine put in a request cache of this
         process is written (``RequestCache.flush``): a shard's row loop run here has its cache
-        entries on disk before the shard writes its done record."""
+        entries on disk before the shard writes its done record, and a stopped shard's answers so
+        far are kept for its re-run."""
         from modelyard.cache import flush_all
 
+        unwound = threading.Event()
+
+        async def guarded():
+            try:
+                return await coro
+            finally:
+                unwound.set()
+
+        fut = asyncio.run_coroutine_threadsafe(guarded(), self.loop)
         try:
-            return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+            while True:
+                try:
+                    return fut.result(timeout=STOP_POLL_S)
+                except concurrent.futures.TimeoutError:
+                    if STOPPING.is_set():
+                        fut.cancel()
+                        unwound.wait(5)  # its requests in flight closed, its cache entries put
+                        raise EngineError(f"shard stopped: {STOPPING.reason}") from None
         finally:
             flush_all()

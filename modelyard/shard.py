@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from modelyard import lifecycle
 from modelyard.asking import Context
 from modelyard.client import Dispatcher
 from modelyard.failpoints import failpoint
@@ -65,6 +66,7 @@ def _run_shard(job: Job, shard_id: int, tracker: Tracker, done_tracker: Tracker)
             stats = stats["stats"]
         _add_done(job, stats, done_tracker)
         return stats
+    lifecycle.check()  # queued before a signal, reached after it: not started (a re-run resumes it)
     with staging.fs.open(staging.input_shard(shard_id), "rb") as fh:
         table = pq.read_table(fh)
     rows = table.drop_columns(["_source"]).to_pylist()
