@@ -153,3 +153,36 @@ def test_a_report_that_cannot_be_drawn_only_warns(tmp_path, caplog):
         charts.write_report(str(out), manifest)
     assert not (out / "_report.html").exists()
     assert "could not draw _report.html" in caplog.text
+
+
+def test_norm_histograms_count_every_vector_once_and_read_the_vectors_once(tmp_path, monkeypatch):
+    """The norms of the first pass are binned in the second, which reads no vector again; the
+    counts are those of float64 norms computed here with numpy from the parts."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from fsspec.implementations.local import LocalFileSystem
+
+    from modelyard.charts import distributions
+    from modelyard.charts.scan import BINS
+
+    sources = []
+    for i in range(2):
+        out = tmp_path / f"dt={i}"
+        manifest = make_output(out, rows=300 + 200 * i, seed=i)
+        sources.append(distributions.Source(f"dt={i}", manifest, LocalFileSystem(), str(out)))
+    read: list[list[str]] = []
+    real = distributions.batches
+    monkeypatch.setattr(distributions, "batches", lambda src, cols: (read.append(cols), real(src, cols))[1])
+    result = distributions.scan(sources)
+    (panel,) = [o for o in result["outputs"] if o["name"] == "embedding (norm)"]
+    assert panel["what"] == "norm" and sum("embedding" in cols for cols in read) == len(sources)
+    norms = {}
+    for src in sources:
+        vectors = [v for v in pq.read_table(f"{src.folder}/part-00000.parquet")["embedding"].to_pylist() if v]
+        norms[src.label] = np.linalg.norm(np.array(vectors, np.float64), axis=1)
+    every = np.concatenate(list(norms.values()))
+    edges = np.linspace(every.min(), every.max(), BINS + 1)  # the range of both groups, as a report's
+    assert np.allclose(panel["edges"], edges, atol=1e-6)
+    for label, want in norms.items():
+        assert panel["total"][label] == len(want) > 0
+        assert panel["counts"][label] == np.histogram(want, bins=edges)[0].tolist()

@@ -25,6 +25,9 @@ class Probe:
     what: str  # counts | number | length | norm | items | string (counts, else lengths)
     counts: Counts | None = None
     hist: Hist | None = None
+    # a norm's values from the first pass, per group, for the second: norms are a few bytes a row,
+    # the vectors they come from a few KB, so the second pass need not read those again
+    kept: dict[str, list[np.ndarray]] | None = None
 
     def values(self, arr: pa.Array) -> np.ndarray:
         if self.what == "norm":
@@ -41,7 +44,10 @@ class Probe:
         if self.counts is not None:
             self.counts.add(group, arr)
         if self.hist is not None and self.hist.fixed is None:
-            self.hist.observe(self.values(arr))
+            values = self.values(arr)
+            self.hist.observe(values)
+            if self.kept is not None:
+                self.kept.setdefault(group, []).append(values)
 
     @property
     def binned(self) -> bool:
@@ -68,7 +74,7 @@ def probes_for(stage: str, name: str, path: str, t: pa.DataType, kind: str) -> l
         return [Probe(stage, name, path, "length", hist=Hist(integer=True))]
     if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
         if pa.types.is_floating(t.value_type) and kind in ("embed", "field"):
-            return [Probe(stage, f"{name} (norm)", path, "norm", hist=Hist())]
+            return [Probe(stage, f"{name} (norm)", path, "norm", hist=Hist(), kept={})]
         return [Probe(stage, f"{name} (items)", path, "items", hist=Hist(integer=True))]
     if pa.types.is_integer(t):
         return [Probe(stage, name, path, "number", hist=Hist(integer=True))]
@@ -117,10 +123,16 @@ def scan(sources: list[Source]) -> dict[str, Any]:
             for n in stages:
                 errors.add(src.label, n, get(batch, f"_lineage.{n}.error"), batch.column("_row_key"))
     binned = [p for p in probes if p.binned]
-    if binned:
+    for p in binned:
+        if p.kept is not None:
+            for src in sources:
+                for values in p.kept.pop(src.label, []):
+                    p.hist.add(src.label, values)
+    read = [p for p in binned if p.kept is None]
+    if read:
         for src in sources:
-            for batch in batches(src, sorted({p.path for p in binned})):
-                for p in binned:
+            for batch in batches(src, sorted({p.path for p in read})):
+                for p in read:
                     p.second(src.label, get(batch, p.path))
     return {"outputs": [p.result(groups) for p in outputs],
             "latency": {p.stage: p.result(groups) for p in latency},

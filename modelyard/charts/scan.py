@@ -179,8 +179,11 @@ def norms(arr: pa.Array) -> np.ndarray:
     arr = arr.drop_null()
     if not len(arr):
         return np.zeros(0)
-    flat = pc.list_flatten(arr).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False)  # float32 stays float32: no copy
     sizes = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
     if sizes.size and (sizes == sizes[0]).all() and sizes[0]:
-        return np.linalg.norm(flat.reshape(len(sizes), int(sizes[0])), axis=1)
+        # the sums of squares in float64, as a float64 copy would give them, without making the copy
+        x = flat.reshape(len(sizes), int(sizes[0]))
+        return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    flat = flat.astype(np.float64)
     return np.sqrt(np.add.reduceat(flat * flat, np.r_[0, np.cumsum(sizes)[:-1]])) if flat.size else np.zeros(len(sizes))
