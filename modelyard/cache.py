@@ -291,8 +291,9 @@ class RequestCache:
         """Give the buffer to the writer thread (under ``self._lock``)."""
         if not self._pending:
             return
-        buf, self._pending = self._pending, {}
-        self._writing = (*self._writing, buf)
+        buf = self._pending
+        self._writing = (*self._writing, buf)  # first: a get in another thread finds it in one or the other
+        self._pending = {}
         if self._queue is None or self._writer_pid != os.getpid():  # none yet, or a forked child's
             self._queue, self._writer_pid = queue.SimpleQueue(), os.getpid()
             threading.Thread(target=self._drain, args=(self._queue,), name="modelyard-cache-writer",
