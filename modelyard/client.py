@@ -300,6 +300,26 @@ def _tune_gc() -> None:
 
 
 STOP_POLL_S = 0.2
+# The dispatcher's event loop: uvloop (libuv, compiled) where it is installed, else asyncio's own.
+# Every request and every row passes through this one loop; against an endpoint that answers at
+# once, asyncio's pure-Python loop machinery was about a fifth of the orchestrator's CPU per row
+# (benchmarks/README.md). MODELYARD_EVENT_LOOP=asyncio chooses asyncio's loop.
+EVENT_LOOP_ENV = "MODELYARD_EVENT_LOOP"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The event loop a dispatcher runs: uvloop unless ``MODELYARD_EVENT_LOOP=asyncio`` or it is missing."""
+    choice = os.environ.get(EVENT_LOOP_ENV, "uvloop").strip().lower()
+    if choice not in ("uvloop", "asyncio"):
+        raise EngineError(f"{EVENT_LOOP_ENV}={choice!r}: expected uvloop or asyncio")
+    if choice == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # not on this platform (Windows): asyncio's loop does the same, slower
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 class Dispatcher:
@@ -310,7 +330,7 @@ class Dispatcher:
 
     def __init__(self) -> None:
         _tune_gc()
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="modelyard-dispatcher", daemon=True)
         self.thread.start()
         self.pools: dict[tuple, Pool] = {}

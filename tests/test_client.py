@@ -127,3 +127,31 @@ def test_the_pool_bounds_requests_in_flight(instant):
     replies = send(pool, [CHAT_BODY] * 60)
     assert len(replies) == 60 and all(r.attempts == 1 for r in replies)
     assert max(seen) == 3 and pool.endpoints[0].in_flight == 0
+
+
+def test_the_dispatcher_runs_uvloop_unless_told_asyncio(instant, monkeypatch):
+    """Every request of a run goes through the dispatcher's loop: uvloop by default (its compiled
+    loop costs less per request), asyncio's own with MODELYARD_EVENT_LOOP=asyncio, and a value
+    that is neither is an error naming the variable."""
+    import uvloop
+
+    from modelyard.client import Dispatcher, new_event_loop
+    from modelyard.errors import EngineError
+
+    async def ask():
+        reply = await post(Dispatcher.get().client, Dispatcher.get().pool("m", [instant], 4, None, 10, 1),
+                           "/chat/completions", CHAT_BODY)
+        return type(asyncio.get_running_loop()), reply.body["choices"][0]["message"]["content"]
+
+    loop_type, answer = Dispatcher.get().run(ask())
+    assert loop_type is uvloop.Loop and answer in _instant.CHOICES
+    for env, want in (("uvloop", uvloop.Loop), ("asyncio", asyncio.SelectorEventLoop)):
+        monkeypatch.setenv("MODELYARD_EVENT_LOOP", env)
+        loop = new_event_loop()
+        try:
+            assert type(loop) is want
+        finally:
+            loop.close()
+    monkeypatch.setenv("MODELYARD_EVENT_LOOP", "trio")
+    with pytest.raises(EngineError, match="MODELYARD_EVENT_LOOP='trio': expected uvloop or asyncio"):
+        new_event_loop()
