@@ -17,12 +17,15 @@ that formatting and parsing 384 floats as text take. ``get`` reads all of them, 
 zlib-compressed JSON that earlier versions wrote.
 
 Writes are buffered: ``put`` keeps the entry in memory (where ``get`` of this process finds it at
-once) and writes the buffer in one transaction when it holds ``FLUSH_ROWS`` entries, when its
-oldest is ``FLUSH_SECONDS`` old (checked at each put), on ``flush()``, and at exit. One
-transaction per few hundred replies instead of one per reply. The dispatcher flushes every open
-cache when a row loop it ran returns (``client.Dispatcher.run``), so a shard's entries are on
-disk before its done record; a process killed before a flush loses only replies that are asked
-again on resume.
+once) and hands the buffer to the cache's writer thread, which writes it in one transaction, when
+it holds ``FLUSH_ROWS`` entries or its oldest is ``FLUSH_SECONDS`` old (checked at each put): one
+transaction per few hundred replies instead of one per reply, and none of them in the caller's
+thread (the dispatcher's event loop, which sends every row; SQLite works without the GIL, so on
+the machine's other core). A buffer handed off stays readable until it is on disk. ``flush()``
+hands off what is buffered and waits until everything is written (and raises what a write
+raised, keeping its entries buffered); it runs when a row loop of the dispatcher returns
+(``client.Dispatcher.run``), so a shard's entries are on disk before its done record, and at exit.
+A process killed before a flush loses only replies that are asked again on resume.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ import array
 import atexit
 import hashlib
 import json
+import os
+import queue
 import sqlite3
 import sys
 import threading
 import time
 import zlib
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +217,10 @@ class RequestCache:
         self._local = threading.local()
         self._pending: dict[str, tuple] = {}  # key -> the row to insert, in put order
         self._oldest = 0.0  # when the oldest pending entry was put
+        self._writing: tuple[dict[str, tuple], ...] = ()  # buffers handed to the writer, oldest first
+        self._written: list[Future] = []  # their writes, until flush() has seen them end
+        self._queue: queue.SimpleQueue | None = None  # the writer thread's work (made at the first hand-off)
+        self._writer_pid = 0
         self._lock = threading.Lock()
         with self._conn() as c:
             c.executescript(SCHEMA)
@@ -224,8 +234,18 @@ class RequestCache:
             self._local.conn = c
         return c
 
-    def get(self, key: str, *, accept_truncated: bool = True) -> dict[str, Any] | None:
+    def _buffered(self, key: str) -> tuple | None:
+        """The entry of ``key`` not yet on disk for sure: buffered, or handed to the writer (newest first)."""
         row = self._pending.get(key)
+        if row is None:
+            for buf in reversed(self._writing):  # a snapshot: a buffer leaves it only once written
+                row = buf.get(key)
+                if row is not None:
+                    break
+        return row
+
+    def get(self, key: str, *, accept_truncated: bool = True) -> dict[str, Any] | None:
+        row = self._buffered(key)
         if row is not None:
             blob, finish_reason = row[5], row[4]
         else:
@@ -242,7 +262,7 @@ class RequestCache:
         found: dict[str, tuple] = {}
         todo = []
         for k in dict.fromkeys(keys):
-            row = self._pending.get(k)
+            row = self._buffered(k)
             if row is not None:
                 found[k] = (row[5], row[4])
             else:
@@ -264,25 +284,60 @@ class RequestCache:
             if not self._pending:
                 self._oldest = now
             self._pending[key] = (key, model, revision, path, finish_reason, data, now, now)
-            if len(self._pending) < FLUSH_ROWS and now - self._oldest < FLUSH_SECONDS:
-                return
-        self.flush()
+            if len(self._pending) >= FLUSH_ROWS or now - self._oldest >= FLUSH_SECONDS:
+                self._hand_off()
+
+    def _hand_off(self) -> None:
+        """Give the buffer to the writer thread (under ``self._lock``)."""
+        if not self._pending:
+            return
+        buf = self._pending
+        self._writing = (*self._writing, buf)  # first: a get in another thread finds it in one or the other
+        self._pending = {}
+        if self._queue is None or self._writer_pid != os.getpid():  # none yet, or a forked child's
+            self._queue, self._writer_pid = queue.SimpleQueue(), os.getpid()
+            threading.Thread(target=self._drain, args=(self._queue,), name="modelyard-cache-writer",
+                             daemon=True).start()
+        fut: Future = Future()
+        self._written.append(fut)
+        self._queue.put((buf, fut))
+
+    def _drain(self, work: queue.SimpleQueue) -> None:
+        while True:
+            buf, fut = work.get()
+            try:
+                self._write(buf)
+            except BaseException as e:  # noqa: BLE001 - flush() raises it in the caller's thread
+                with self._lock:  # nothing lost: the entries are buffered again (newer ones win)
+                    self._pending = {**buf, **self._pending}
+                    self._writing = tuple(b for b in self._writing if b is not buf)
+                fut.set_exception(e)
+            else:
+                with self._lock:
+                    self._writing = tuple(b for b in self._writing if b is not buf)
+                fut.set_result(None)
+
+    def _write(self, buf: dict[str, tuple]) -> None:
+        c = self._conn()
+        c.execute("begin immediate")
+        try:
+            c.executemany("insert or replace into replies values (?, ?, ?, ?, ?, ?, ?, ?)", list(buf.values()))
+        except BaseException:
+            c.execute("rollback")
+            raise
+        c.execute("commit")
 
     def flush(self) -> None:
-        """Write the buffered entries in one transaction."""
+        """Write the buffered entries and wait until every entry put so far is on disk."""
         with self._lock:
-            if not self._pending:
-                return
-            rows = list(self._pending.values())
-            c = self._conn()
-            c.execute("begin immediate")
-            try:
-                c.executemany("insert or replace into replies values (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            except BaseException:
-                c.execute("rollback")
-                raise
-            c.execute("commit")
-            self._pending.clear()
+            self._hand_off()
+            waiting, self._written = self._written, []
+        failed = None
+        for fut in waiting:
+            e = fut.exception()
+            failed = failed or e
+        if failed is not None:
+            raise failed
 
     def put_runtime(self, key: str, runtime: dict[str, Any]) -> None:
         """Remember what a managed model's server said (served name, engine version, dimension), so

@@ -6,6 +6,7 @@ import array
 import asyncio
 import json
 import sqlite3
+import time
 import zlib
 
 import pytest
@@ -45,17 +46,61 @@ def test_put_is_seen_at_once_here_and_on_disk_after_a_flush(tmp_path):
     assert RequestCache(tmp_path / "c.sqlite").get(key(1)) == CHAT  # a fresh object reads the file
 
 
-def test_the_buffer_is_written_when_full_or_old(tmp_path, monkeypatch):
+def written(path, n: int, timeout: float = 20.0) -> bool:
+    """Whether the file holds ``n`` entries within ``timeout`` (the writer thread's, with no flush)."""
+    deadline = time.monotonic() + timeout
+    while len(on_disk(path)) != n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_buffer_is_written_when_full_or_old_by_the_writer_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "FLUSH_ROWS", 10)
     c = RequestCache(tmp_path / "c.sqlite")
     for i in range(9):
         c.put(key(i), "m", "r", "/chat/completions", CHAT, "stop")
+    time.sleep(0.2)
     assert len(on_disk(tmp_path / "c.sqlite")) == 0
     c.put(key(9), "m", "r", "/chat/completions", CHAT, "stop")
-    assert len(on_disk(tmp_path / "c.sqlite")) == 10
+    assert written(tmp_path / "c.sqlite", 10)
     monkeypatch.setattr(cache_mod, "FLUSH_SECONDS", 0.0)
     c.put(key(10), "m", "r", "/chat/completions", CHAT, "stop")
-    assert len(on_disk(tmp_path / "c.sqlite")) == 11
+    assert written(tmp_path / "c.sqlite", 11)
+    assert all(c.get(key(i)) == CHAT for i in range(11))
+
+
+def test_entries_handed_to_the_writer_are_read_until_written_and_a_failed_write_keeps_them(tmp_path, monkeypatch):
+    """While the writer holds a buffer, get and get_many still find its entries; a write that fails
+    raises at flush() in the caller's thread, keeps the entries buffered, and the next flush writes them."""
+    import threading
+
+    monkeypatch.setattr(cache_mod, "FLUSH_ROWS", 5)
+    c = RequestCache(tmp_path / "c.sqlite")
+    gate, entered = threading.Event(), threading.Event()
+    real = RequestCache._write
+    fail = [True]
+
+    def slow_write(self, buf):
+        entered.set()
+        gate.wait(10)
+        if fail[0]:
+            fail[0] = False
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(self, buf)
+
+    monkeypatch.setattr(RequestCache, "_write", slow_write)
+    for i in range(5):
+        c.put(key(i), "m", "r", "/chat/completions", {**CHAT, "id": str(i)}, "stop")
+    assert entered.wait(10) and not c._pending  # handed off, the writer busy with it
+    assert c.get(key(3))["id"] == "3" and sorted(v["id"] for v in c.get_many([key(i) for i in range(5)]).values()) == list("01234")
+    gate.set()
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        c.flush()
+    assert on_disk(tmp_path / "c.sqlite") == {} and c.get(key(4))["id"] == "4"  # kept, buffered again
+    c.flush()
+    assert len(on_disk(tmp_path / "c.sqlite")) == 5
 
 
 def test_truncated_entries_are_refused_when_asked_buffered_or_not(tmp_path):
