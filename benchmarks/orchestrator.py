@@ -16,8 +16,9 @@ What one run measures, on the same endpoint:
    input and with 32 inputs per request shows what the endpoint gives embeddings. The sweep's
    best concurrency is measured again at the end, and the baseline is the mean of its two runs.
 2. **modelyard** (``flows.pipeline.run_pipeline`` in this process under Prefect's ephemeral API,
-   as ``modelyard run`` does; an ``endpoints:`` model with the bare client's best concurrency as
-   ``max_in_flight``; the request cache on, as by default) on a one-stage ``choice`` pipeline
+   as ``modelyard run`` does; an ``endpoints:`` model as a user writes it, with modelyard's default
+   ``max_in_flight`` (96 for an external endpoint; ``--in-flight N`` sets it, e.g. to the bare
+   client's best concurrency); the request cache on, as by default) on a one-stage ``choice`` pipeline
    and on a one-stage embed pipeline, at two input sizes (default 20,000 and 100,000 rows of
    distinct texts). Each rate is **marginal**: (rows2 - rows1) / (time2 - time1), from the flow
    call to its committed output (the manifest, written last), so the fixed cost of a run (Prefect's flow and subflow runs, planning,
@@ -77,14 +78,16 @@ def write_input(path: Path, n: int, start: int = 0) -> Path:
     return path
 
 
-def config(path: Path, kind: str, data: Path, out: Path, url: str, in_flight: int, batch: int | None,
+def config(path: Path, kind: str, data: Path, out: Path, url: str, in_flight: int | None, batch: int | None,
            ray_workers: int | None = None) -> Path:
+    """A one-stage pipeline on the instant endpoint; ``in_flight`` None: modelyard's default."""
+    bound = {"max_in_flight": in_flight} if in_flight else {}
     if kind == "chat":
-        model = {"model": I.CHAT, "endpoints": [url], "max_in_flight": in_flight}
+        model = {"model": I.CHAT, "endpoints": [url], **bound}
         stage = {"name": "label", "model": "m", "prompt": PROMPT, "choice": I.CHOICES, "params": PARAMS,
                  "output": "label"}
     else:
-        model = {"model": I.EMBED, "task": "embed", "endpoints": [url], "max_in_flight": in_flight}
+        model = {"model": I.EMBED, "task": "embed", "endpoints": [url], **bound}
         stage = {"name": "embed", "model": "m", "input": "{{ text }}", "output": "embedding"}
         if batch is not None:
             stage["batch_size"] = batch
@@ -214,7 +217,8 @@ def main() -> int:
     ap.add_argument("--bare-n", type=int, default=None, help="requests per bare-client run (default 20000)")
     ap.add_argument("--min-bare", type=float, default=None,
                     help="least bare req/s to go on measuring (default 4000; 0 with --quick)")
-    ap.add_argument("--in-flight", type=int, default=None, help="modelyard's max_in_flight (default: the best c)")
+    ap.add_argument("--in-flight", type=int, default=None,
+                    help="modelyard's max_in_flight (default: left out of the config, so modelyard's own, 96)")
     ap.add_argument("--batch-size", type=int, default=None, help="the embed stage's batch_size (default: its default)")
     ap.add_argument("--dimensions", type=int, default=384, help="embedding dimension (default 384, MiniLM's)")
     ap.add_argument("--only", nargs="+", choices=["chat", "cached", "embed"], default=None,
@@ -258,7 +262,11 @@ def main() -> int:
             what = f"{per}/request" + (f" {enc}" if enc else "")
             rows.append({"system": f"bare aiohttp embed c={best_c} {best_loop}, {what}", **r})
             C.log(f"bare embed {what}: {r['rows_s']:.0f} rows/s")
-        in_flight = a.in_flight or best_c
+        in_flight = a.in_flight  # None: the config leaves max_in_flight out, as a user's does
+        from modelyard.config import ModelConfig
+
+        shown = in_flight or ModelConfig(model=I.CHAT, endpoints=[url]).in_flight
+        shown = f"{shown}" if in_flight else f"{shown} (default)"
         # untimed warm-up: Prefect's ephemeral API, imports, the first flow run's one-off costs
         warm = write_input(work / "warm.parquet", 2_000, start=20_000_000)
         C.run_flow(config(work / "warm.yaml", "chat", warm, work / "out-warm", url, in_flight, None))
@@ -272,7 +280,7 @@ def main() -> int:
                 out = work / f"out-{kind}-{n}"
                 cfg = config(work / f"{kind}-{n}.yaml", kind, data, out, url, in_flight, a.batch_size)
                 r = got[(what, n)] = modelyard(cfg, out, stage, a.heartbeats)
-                note = f"{r['shards']} shards, in flight {in_flight}, {r['cached']} cached, {r['errors']} errors"
+                note = f"{r['shards']} shards, in flight {shown}, {r['cached']} cached, {r['errors']} errors"
                 rows.append({"system": f"modelyard {what} {n} rows", **r, "note": note})
                 C.log(f"modelyard {what} {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s, {r['cpu']:.1f} CPU-s, "
                       f"peak RSS {r['rss']:.0f} MB; {note})")
@@ -285,7 +293,7 @@ def main() -> int:
                 cfg = config(work / f"ray{workers}-{n}.yaml", "chat", data, out, url, in_flight, None, workers)
                 r = got[(f"ray{workers}", n)] = modelyard(cfg, out, "label", a.heartbeats)
                 rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), {n} rows", **r,
-                             "note": f"{r['shards']} shards, in flight {in_flight} in all"})
+                             "note": f"{r['shards']} shards, in flight {shown} in all"})
                 C.log(f"modelyard chat on Ray ({workers}) {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s)")
         again = bare(url, "chat", bare_n, best_c, loop=best_loop)
         rows.append({"system": f"bare aiohttp chat c={best_c} {best_loop} (again)", **again})
