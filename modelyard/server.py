@@ -43,10 +43,36 @@ def home() -> Path:
     return Path(os.environ.get("MODELYARD_HOME", Path.home() / ".cache" / "modelyard"))
 
 
+# Ports this process has handed to its servers. Two binds to port 0 in a row can return the same
+# port, and vLLM binds its socket with SO_REUSEADDR about a minute before it listens: two servers
+# started side by side on one port both start, both listen, and the kernel splits the connections
+# between them (seen in the suite: the demo's `small` URL answered as builtin:minilm).
+_GIVEN: set[int] = set()
+_GIVEN_LOCK = threading.Lock()
+PORT_CHECKS = 8  # /v1/models on fresh connections once healthy: another listener on the port is met
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port that no other server of this process has been given."""
+    with _GIVEN_LOCK:
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _GIVEN:
+                _GIVEN.add(port)
+                return port
+    raise EngineError("no free loopback port for a vLLM server: 1000 tries")
+
+
+def release_port(port: int) -> None:
+    """The port may be handed out again (its server has stopped and will not start on it again)."""
+    with _GIVEN_LOCK:
+        _GIVEN.discard(port)
+
+
+class PortShared(EngineError):
+    """Another server answers on a managed server's port (the server itself is stopped)."""
 
 
 @dataclass
@@ -77,6 +103,8 @@ class Server:
             raise EngineError(f"vLLM server for {self.served_name} not started: {STOPPING.reason}")
         self.healthy = False
         if not (same_port and self.port):
+            if self.port:
+                release_port(self.port)
             self.port = free_port()
         logs = home() / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -119,6 +147,7 @@ class Server:
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
                     self.healthy = True
+                    self._check_port()
                     return telemetry.event("server-healthy", model=self.served_name, port=self.port)
             except httpx.TransportError:
                 pass
@@ -126,6 +155,26 @@ class Server:
         self.stop()
         raise EngineError(f"the vLLM server for {self.served_name} was not healthy after {timeout:.0f} s "
                           f"(serve.startup_timeout): {self.root_cause()}")
+
+    def _check_port(self) -> None:
+        """Every answer on the port comes from this server: ``PORT_CHECKS`` requests for /v1/models,
+        each on a new connection (the kernel spreads connections over the listeners of a port). A
+        port shared with another server stops this one and raises PortShared."""
+        others: set[str] = set()
+        for _ in range(PORT_CHECKS):
+            try:
+                r = httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=5)
+                if r.status_code != 200:  # an API key in the server's own arguments, say: nothing learnt
+                    continue
+                served = {str(d.get("id")) for d in r.json().get("data", [])}
+            except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+                continue  # not an answer about models: the health poll decides about the server itself
+            if self.served_name not in served:
+                others |= served or {"no model"}
+        if others:
+            self.stop()
+            raise PortShared(f"the vLLM server for {self.served_name} shares port {self.port} with another "
+                             f"server, which serves {', '.join(sorted(others))}; stopped it")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -26,10 +26,11 @@ from pathlib import Path
 from modelyard.client import ENDPOINT_STATE
 from modelyard.config import EngineConfig, ModelConfig
 from modelyard.errors import EngineError
-from modelyard.server import PACKAGE, STOPPING, Server, free_port, home  # noqa: F401  (re-exported)
+from modelyard.server import PACKAGE, STOPPING, PortShared, Server, free_port, home  # noqa: F401  (re-exported)
 
 log = logging.getLogger("modelyard")
 PROJECT = PACKAGE.parent
+PORT_TRIES = 3  # starts of a server whose port another server answers on too (server.PortShared)
 
 
 def engine_python(cfg: EngineConfig | None = None, base_dir: Path | None = None) -> str:
@@ -204,8 +205,15 @@ class Registry:
             if not server.alive():
                 server.attempts += 1
                 try:
-                    server.start()
-                    server.wait_healthy(model.serve.startup_timeout if model.serve else 900)
+                    for tries in range(PORT_TRIES):
+                        server.start()
+                        try:
+                            server.wait_healthy(model.serve.startup_timeout if model.serve else 900)
+                            break
+                        except PortShared as e:  # stopped: start it again on another port
+                            if tries == PORT_TRIES - 1:
+                                raise
+                            log.warning("%s; starting it again on another port", e)
                     server.failure = None
                 except EngineError as e:
                     server.failure = e

@@ -1,0 +1,55 @@
+"""One managed server's port: never handed out twice in a process, and a port another server
+answers on too is found before the server is used.
+
+Seen in the suite (2026-12-03): the three session servers started side by side, two of them were
+given the same port by two binds to port 0, and vLLM (its socket bound with SO_REUSEADDR long
+before it listens) let both start and listen on it; the demo's `small` URL answered as
+builtin:minilm for every test after."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from modelyard import server as S
+
+
+def test_no_port_is_handed_to_two_servers_of_one_process():
+    ports = [S.free_port() for _ in range(1000)]
+    try:
+        # plain binds to port 0 repeat a port within a few hundred calls on Linux
+        assert len(set(ports)) == len(ports)
+    finally:
+        for p in ports:
+            S.release_port(p)
+    again = S.free_port()  # released ports are free to be given again
+    S.release_port(again)
+
+
+@pytest.mark.engine
+def test_a_port_another_server_answers_on_is_found_and_the_server_stopped(servers):
+    """Our server is given the real minilm server's port: its health poll is answered (by minilm),
+    and the port check must see that the port serves another model, stop our process and say so.
+    Our own process is a stand-in here (starting a second vLLM on the port would cost a minute);
+    what answers on the port is the real vLLM server."""
+    other = servers["embedder"]
+    ours = S.Server(python="python", path="-", served_name="builtin:small-llama", args=(), env=(),
+                    port=other.port)
+    ours.proc = subprocess.Popen(["sleep", "120"])
+    try:
+        with pytest.raises(S.PortShared) as e:
+            ours.wait_healthy(60)
+        assert f"shares port {other.port} with another server, which serves builtin:minilm" in str(e.value)
+        assert ours.proc.poll() is not None  # stopped
+        assert other.alive()
+    finally:
+        if ours.proc.poll() is None:
+            ours.proc.kill()
+    ours.served_name = "builtin:minilm"  # the server that does answer there passes the same check
+    ours.proc = subprocess.Popen(["sleep", "120"])
+    try:
+        ours.wait_healthy(60)
+        assert ours.healthy
+    finally:
+        ours.proc.kill()
