@@ -109,6 +109,7 @@ http {
         location /status503/ { return 503 '{"error":{"message":"busy","type":"ServiceUnavailable","code":503}}'; }
         location /status400/ { return 400 '{"error":{"message":"refused: %(refusal)s","type":"BadRequestError","code":400}}'; }
         location /notjson/ { return 200 'this is not JSON'; }
+        location /close/ { keepalive_timeout 0; return 200 '%(chat)s'; }
         location /headers/ { return 200 '{"authorization":"$http_authorization","content_type":"$content_type"}'; }
     }
 }

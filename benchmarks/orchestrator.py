@@ -10,7 +10,9 @@ What one run measures, on the same endpoint:
 
 1. **bare client**: a minimal asyncio aiohttp client sends the chat request modelyard's stage
    sends, at a sweep of fixed concurrencies (default 16 32 64), each on asyncio's own event loop
-   and on uvloop (the loop modelyard's dispatcher runs); the best of all is the baseline. It must
+   and on uvloop (the loop modelyard's dispatcher runs); the best of all is the baseline. The
+   same bare loop over ``modelyard.wire`` (modelyard's way out to ``http://`` endpoints) is shown
+   beside it, not as the baseline: what modelyard's HTTP costs without the rest. It must
    reach ``--min-bare`` req/s (default 4,000), or the machine is too busy to measure the
    orchestrator and the script stops (exit 1). The same client on ``/v1/embeddings`` with one
    input and with 32 inputs per request shows what the endpoint gives embeddings. The sweep's
@@ -107,15 +109,33 @@ def new_loop(kind: str):
     return asyncio.new_event_loop()
 
 
-async def _bare(url: str, path: str, bodies: list[dict], concurrency: int, decode: bool = False) -> float:
+async def _bare(url: str, path: str, bodies: list[dict], concurrency: int, decode: bool = False,
+                wire: bool = False) -> float:
     """Fixed-concurrency workers over the bodies; returns the wall time. Any error stops it.
-    ``decode``: turn base64 vectors into float lists, as a client that uses them must."""
+    ``decode``: turn base64 vectors into float lists, as a client that uses them must.
+    ``wire``: through ``modelyard.wire`` instead of aiohttp."""
     import array
     import base64
 
     import aiohttp
 
     it = iter(bodies)
+    if wire:  # modelyard's own way out (modelyard.wire), bare: shown beside the baseline
+        from modelyard import fastjson
+        from modelyard.wire import Wire, header_block
+
+        w, headers = Wire(url), header_block({"Content-Type": "application/json"})
+
+        async def wire_worker() -> None:
+            for body in it:
+                status, raw = await w.post(path, fastjson.dumps(body), headers, 60)
+                if status != 200:
+                    raise RuntimeError(f"{url}{path} answered {status}")
+                fastjson.loads(raw)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(wire_worker() for _ in range(concurrency)))
+        return time.perf_counter() - t0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
                                      timeout=aiohttp.ClientTimeout(total=60)) as session:
         async def worker() -> None:
@@ -133,10 +153,10 @@ async def _bare(url: str, path: str, bodies: list[dict], concurrency: int, decod
 
 
 def bare(url: str, kind: str, n: int, concurrency: int, per_request: int = 1, encoding: str | None = None,
-         loop: str = "asyncio") -> dict:
+         loop: str = "asyncio", wire: bool = False) -> dict:
     """``n`` rows through the bare client on a ``loop`` event loop; rows/s and requests/s.
     Embeddings: ``per_request`` inputs per request, as float lists or (``encoding="base64"``)
-    base64, decoded to floats."""
+    base64, decoded to floats. ``wire``: chat through ``modelyard.wire`` instead of aiohttp."""
     rows = texts(n, start=10_000_000)
     if kind == "chat":
         path = "/chat/completions"
@@ -149,7 +169,7 @@ def bare(url: str, kind: str, n: int, concurrency: int, per_request: int = 1, en
                    **({"encoding_format": encoding} if encoding else {})} for g in groups]
     c0 = _cpu()
     with asyncio.Runner(loop_factory=lambda: new_loop(loop)) as runner:
-        wall = runner.run(_bare(url, path, bodies, concurrency, decode=encoding == "base64"))
+        wall = runner.run(_bare(url, path, bodies, concurrency, decode=encoding == "base64", wire=wire))
     return {"rows": n, "wall": wall, "cpu": _cpu() - c0, "rows_s": n / wall, "req_s": len(bodies) / wall}
 
 
@@ -262,6 +282,10 @@ def main() -> int:
             what = f"{per}/request" + (f" {enc}" if enc else "")
             rows.append({"system": f"bare aiohttp embed c={best_c} {best_loop}, {what}", **r})
             C.log(f"bare embed {what}: {r['rows_s']:.0f} rows/s")
+        r = bare(url, "chat", bare_n, best_c, loop=best_loop, wire=True)
+        rows.append({"system": f"bare wire chat c={best_c} {best_loop}", **r,
+                     "note": "modelyard.wire's own cost, not the baseline"})
+        C.log(f"bare wire chat: {r['req_s']:.0f} req/s")
         in_flight = a.in_flight  # None: the config leaves max_in_flight out, as a user's does
         from modelyard.config import ModelConfig
 
@@ -318,7 +342,8 @@ def main() -> int:
     print("modelyard's wall time: from the flow call to its committed output (the manifest), Prefect's flow run "
           "heartbeats " + ("on" if a.heartbeats else "off (--heartbeats: on; their thread's join ends each run on a "
                                                    "whole second after its start)") +
-          f"; its dispatcher's event loop: {os.environ.get('MODELYARD_EVENT_LOOP', 'uvloop')}")
+          f"; its dispatcher's event loop: {os.environ.get('MODELYARD_EVENT_LOOP', 'uvloop')}; its requests: "
+          f"{os.environ.get('MODELYARD_HTTP', 'wire')} (MODELYARD_HTTP)")
     print(f"bare baseline: c={best_c} on {best_loop}, mean of its first run and its run at the end: {bare_rate:.0f} req/s, "
           f"{bare_cpu:.0f} requests per CPU-second of this process")
     print(f"peak RSS (this process, psutil every 50 ms): {peaks[sizes[0]]:.0f} MB at {sizes[0]} rows, "

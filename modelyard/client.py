@@ -4,10 +4,12 @@ One ``Dispatcher`` per process runs an asyncio loop in a background thread. Shar
 of Prefect's task runner) hand it coroutines, so the bound on requests in flight per endpoint
 holds across all shards of the process: the engine's batch stays full, never overfull.
 
-Requests go through aiohttp, not httpx: with 64 requests in flight against one vLLM server,
-httpx's AsyncClient held finished requests back for seconds at a time (the engine sat idle with
-64 requests outstanding, 17-23 req/s), where aiohttp kept the batch full (32.6 req/s), as in
-encode/httpx#3215. ``benchmarks/throughput.py --clients`` measures both.
+Requests to ``http://`` endpoints go over ``modelyard.wire`` (keep-alive connections, replies
+parsed by httptools: about a sixth of aiohttp's CPU per request), the others (``https://``, or
+all with ``MODELYARD_HTTP=aiohttp``) through aiohttp, not httpx: with 64 requests in flight
+against one vLLM server, httpx's AsyncClient held finished requests back for seconds at a time
+(the engine sat idle with 64 requests outstanding, 17-23 req/s), where aiohttp kept the batch
+full (32.6 req/s), as in encode/httpx#3215. ``benchmarks/throughput.py --clients`` measures both.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from modelyard import fastjson
 from modelyard.errors import EngineError
 from modelyard.server import STOPPING
+from modelyard.wire import ConnectFailed, Wire, WireError, header_block
 
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -59,6 +62,19 @@ class _Transient(Exception):
         self.status = status
 
 
+# How requests go out: "wire" (modelyard.wire, for http:// endpoints; https:// ones use aiohttp)
+# or "aiohttp" for every endpoint. Read when an endpoint is made.
+HTTP_ENV = "MODELYARD_HTTP"
+
+
+def http_client() -> str:
+    """``wire`` or ``aiohttp``, as ``MODELYARD_HTTP`` says (default ``wire``)."""
+    choice = os.environ.get(HTTP_ENV, "wire").strip().lower()
+    if choice not in ("wire", "aiohttp"):
+        raise EngineError(f"{HTTP_ENV}={choice!r}: expected wire or aiohttp")
+    return choice
+
+
 @dataclass(eq=False)
 class Endpoint:
     url: str  # base URL ending in /v1
@@ -67,6 +83,11 @@ class Endpoint:
     down_until: float = 0.0
     failures: int = 0
     _targets: dict = field(default_factory=dict, repr=False)
+    wire: Wire | None = field(default=None, repr=False)  # None: requests go through aiohttp
+
+    def __post_init__(self) -> None:
+        if self.url.startswith("http://") and http_client() == "wire":
+            self.wire = Wire(self.url)
 
     def target(self, path: str) -> yarl.URL:
         """The request URL of ``path``, parsed once (aiohttp would parse a string per request)."""
@@ -95,6 +116,7 @@ class Pool:
     _waiters: deque = field(default_factory=deque, repr=False)
     _poller: asyncio.Task | None = field(default=None, repr=False)
     _headers: dict | None = field(default=None, repr=False)
+    _header_block: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.client_timeout = aiohttp.ClientTimeout(total=self.timeout)
@@ -183,6 +205,12 @@ class Pool:
             self._headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         return self._headers
 
+    def header_block(self) -> bytes:
+        """``headers()`` as the wire sends them, encoded once."""
+        if self._header_block is None:
+            self._header_block = header_block(self.headers())
+        return self._header_block
+
 
 @dataclass
 class Reply:
@@ -193,7 +221,7 @@ class Reply:
 
 
 # What can go wrong on the wire: worth another attempt, on this replica or another.
-TransportError = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+TransportError = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, WireError)
 # Back-off before attempt n+1: 0.5 * 2**(n-1) s plus up to 1 s of jitter, at most 8 s.
 WAIT = wait_exponential_jitter(multiplier=0.5, max=8.0)
 
@@ -201,6 +229,8 @@ WAIT = wait_exponential_jitter(multiplier=0.5, max=8.0)
 def _describe(exc: BaseException, url: str) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect to {url}: {exc.os_error or 'connection refused'}"
+    if isinstance(exc, ConnectFailed):
+        return f"cannot connect to {url}: {exc.os_error}"
     if isinstance(exc, asyncio.TimeoutError):
         return f"no answer from {url} in time ({type(exc).__name__})"
     if isinstance(exc, TransportError):
@@ -247,9 +277,12 @@ async def _attempt(client: aiohttp.ClientSession, pool: Pool, path: str, data: b
     try:
         t0 = time.perf_counter()
         try:
-            async with client.post(ep.target(path), data=data, headers=pool.headers(),
-                                   timeout=pool.client_timeout) as r:
-                status, raw = r.status, await r.read()
+            if ep.wire is not None:
+                status, raw = await ep.wire.post(path, data, pool.header_block(), pool.timeout)
+            else:
+                async with client.post(ep.target(path), data=data, headers=pool.headers(),
+                                       timeout=pool.client_timeout) as r:
+                    status, raw = r.status, await r.read()
         except TransportError as e:
             ep.failures += 1
             ep.down_until = time.monotonic() + min(30.0, 0.5 * 2 ** ep.failures)

@@ -24,6 +24,13 @@ CHAT_BODY = {"model": _instant.CHAT, "temperature": 0, "messages": [{"role": "us
              "structured_outputs": {"choice": _instant.CHOICES}}
 
 
+@pytest.fixture(autouse=True, params=["wire", "aiohttp"])
+def transport(request, monkeypatch):
+    """Every case on both ways out (MODELYARD_HTTP): the wire, the default for http://, and aiohttp."""
+    monkeypatch.setenv("MODELYARD_HTTP", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def instant(tmp_path_factory):
     with _instant.instant_endpoint(tmp_path_factory.mktemp("nginx"), dimensions=8) as url:
@@ -53,8 +60,9 @@ def make_pool(*urls: str, limit: int = 8, retries: int = 3, api_key_env: str | N
     return Pool("m", [Endpoint(u) for u in urls], limit, api_key_env, timeout=10, retries=retries)
 
 
-def test_post_returns_the_reply_with_its_lineage_facts(instant):
+def test_post_returns_the_reply_with_its_lineage_facts(instant, transport):
     pool = make_pool(instant, limit=4)
+    assert (pool.endpoints[0].wire is not None) == (transport == "wire")
     replies = send(pool, [CHAT_BODY] * 40)
     assert all(r.body == _instant.CHAT_REPLY for r in replies), replies[0]
     assert {r.attempts for r in replies} == {1}
