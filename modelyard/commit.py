@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from modelyard.failpoints import failpoint
 from modelyard.lineage import ERRORS_SCHEMA
+from modelyard.parquet import writer_options
 from modelyard.staging import Staging, write_bytes_atomic
 
 MANIFEST = "_manifest.json"
@@ -51,7 +52,7 @@ class _Parts:
         if self.writer is None:
             name = f"{self.prefix}-{len(self.files):05d}.parquet"
             self.fh = self.staging.fs.open(posixpath.join(self.folder, name), "wb")
-            self.writer = pq.ParquetWriter(self.fh, self.schema, compression=self.compression)
+            self.writer = pq.ParquetWriter(self.fh, self.schema, **writer_options(self.schema, self.compression))
             self.files.append({"path": name, "rows": 0})
         self.writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
         self.files[-1]["rows"] += table.num_rows

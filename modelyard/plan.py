@@ -15,6 +15,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from modelyard import parquet
 from modelyard.config import InputConfig
 from modelyard.errors import InputError
 from modelyard.readers import RESERVED, SourceFile, fingerprint, iter_batches, read_schema, resolve
@@ -79,7 +80,7 @@ class _ShardWriter:
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = tmp_name(path)
         with fs.open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
+            parquet.write_table(table, fh)
         fs.mv(tmp, path)
         self.sizes.append(table.num_rows)
         self.pending, self.pending_rows = [], 0

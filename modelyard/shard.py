@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from modelyard import lifecycle
+from modelyard import lifecycle, parquet
 from modelyard.asking import Context
 from modelyard.client import Dispatcher
 from modelyard.failpoints import failpoint
@@ -112,7 +112,7 @@ def _write(staging: Staging, path: str, table: pa.Table) -> None:
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = tmp_name(path)
     with fs.open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
+        parquet.write_table(table, fh)
     fs.mv(tmp, path)
 
 
