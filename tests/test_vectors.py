@@ -26,6 +26,8 @@ def test_a_base64_embedding_is_a_vector_of_its_float32_values():
     assert _floats(F32) is F32  # a float reply's list is left as it is
     with pytest.raises(ValueError, match="not a list or base64"):
         _floats(3.0)
+    with pytest.raises(ValueError):  # not base64 at all: the batcher fails the batch's rows with it
+        _floats("not base64!")
 
 
 def test_a_vector_pickles_as_itself():
