@@ -230,11 +230,6 @@ class Wire:
         except ValueError:
             pass
 
-    def close(self) -> None:
-        """Close the idle connections (those in use close when their request ends)."""
-        while self._idle:
-            self._idle.pop().close()
-
 
 def header_block(headers: dict[str, str]) -> bytes:
     """Header lines for ``Wire.post``: ``Name: value\\r\\n`` each."""
