@@ -12,6 +12,7 @@ import hashlib
 import json
 import posixpath
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -51,7 +52,7 @@ class _Parts:
     def add(self, table: pa.Table, approx_bytes: int) -> None:
         if self.writer is None:
             name = f"{self.prefix}-{len(self.files):05d}.parquet"
-            self.fh = self.staging.fs.open(posixpath.join(self.folder, name), "wb")
+            self.fh = _Hashed(self.staging.fs.open(posixpath.join(self.folder, name), "wb"))
             self.writer = pq.ParquetWriter(self.fh, self.schema, **writer_options(self.schema, self.compression))
             self.files.append({"path": name, "rows": 0})
         self.writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
@@ -64,17 +65,57 @@ class _Parts:
         if self.writer is not None:
             self.writer.close()
             self.fh.close()
+            self.files[-1]["sha256"], self.files[-1]["bytes"] = self.fh.sha256.hexdigest(), self.fh.size
             self.writer = self.fh = None
             self.bytes_in = 0
 
 
-def _sha256(fs, path: str) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    with fs.open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
+class _Hashed:
+    """A file being written, hashed as its bytes go by: a part's sha256 and size without reading
+    the part back (its whole size again, after the merge, for every commit)."""
+
+    def __init__(self, fh):
+        self.fh, self.sha256, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.size += view.nbytes
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.fh.closed
+
+
+def _read_ahead(reader: ThreadPoolExecutor, staging: Staging, shard_ids: list[int]):
+    """Each shard's result table, its file's size and its errors table, in order; the next shard
+    is read (by ``reader``) while the caller writes this one, so decoding one shard and encoding
+    the other overlap. At most two shards are in memory."""
+    fs = staging.fs
+
+    def read(i: int) -> tuple[pa.Table, int, pa.Table]:
+        path = staging.result_shard(i)
+        with fs.open(path, "rb") as fh:
+            table = pq.read_table(fh)
+        with fs.open(staging.errors_shard(i), "rb") as fh:
+            errs = pq.read_table(fh)
+        return table, fs.size(path), errs
+
+    ahead = reader.submit(read, shard_ids[0]) if shard_ids else None
+    for k in range(len(shard_ids)):
+        got = ahead.result()
+        ahead = reader.submit(read, shard_ids[k + 1]) if k + 1 < len(shard_ids) else None
+        yield got
 
 
 def merge(staging: Staging, shard_ids: list[int], schema: pa.Schema, stage_names: list[str], *,
@@ -94,27 +135,21 @@ def merge(staging: Staging, shard_ids: list[int], schema: pa.Schema, stage_names
     err_writer = None
     err_rows = 0
     fs.makedirs(posixpath.join(folder, posixpath.dirname(ERRORS)), exist_ok=True)
-    with fs.open(posixpath.join(folder, ERRORS), "wb") as efh:
+    with fs.open(posixpath.join(folder, ERRORS), "wb") as efh, \
+            ThreadPoolExecutor(1, thread_name_prefix="modelyard-merge-read") as reader:
         err_writer = pq.ParquetWriter(efh, ERRORS_SCHEMA, compression=compression)
-        for i in shard_ids:
-            path = staging.result_shard(i)
-            with fs.open(path, "rb") as fh:
-                table = pq.read_table(fh)
+        for table, size, errs in _read_ahead(reader, staging, shard_ids):
             lin = table.column("_lineage")
             for s in stage_names:
                 col = pc.struct_field(lin, [s, "latency_ms"])
                 latencies[s].append(col.drop_null() if hasattr(col, "drop_null") else pc.drop_null(col))
-            parts.add(table, fs.size(path))
+            parts.add(table, size)
             failpoint("merge")
-            with fs.open(staging.errors_shard(i), "rb") as fh:
-                errs = pq.read_table(fh)
             if errs.num_rows:
                 err_writer.write_table(errs)
                 err_rows += errs.num_rows
         err_writer.close()
     parts.close()
-    for f in parts.files:
-        f["sha256"], f["bytes"] = _sha256(fs, posixpath.join(folder, f["path"]))
     lat = {}
     for s, chunks in latencies.items():
         arr = pa.chunked_array(chunks, pa.float64()) if chunks else pa.chunked_array([], pa.float64())

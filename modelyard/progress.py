@@ -14,6 +14,23 @@ from dataclasses import dataclass, field
 log = logging.getLogger("modelyard")
 
 
+class Every:
+    """Whether to show progress now: the first time, then once ``seconds`` have passed since the
+    last time shown, and always at the end. A Prefect progress artifact is one API call per update
+    (35-40 ms of the flow's thread and of the API server here): at one update per shard, a run of
+    100,000 rows in 50 short shards spent about 2 s on them, as long as the run's commit."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.seconds, self.clock, self.last = seconds, clock, None
+
+    def __call__(self, final: bool = False) -> bool:
+        now = self.clock()
+        if final or self.last is None or now - self.last >= self.seconds:
+            self.last = now
+            return True
+        return False
+
+
 @dataclass
 class StageCounter:
     rows: int = 0  # rows this stage has finished (run, skipped or failed)
