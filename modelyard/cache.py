@@ -140,22 +140,6 @@ def deterministic(path: str, body: dict[str, Any]) -> bool:
 
 
 FLUSH_ROWS = 512
-# Rows per INSERT statement. The sqlite3 module lets go of the GIL around every step of a
-# statement, and executemany steps once per row: with the dispatcher's loop busy in another
-# thread, each of those steps waited for the GIL again (up to a switch interval, 5 ms), and the
-# GIL changed hands twice per row between the writer and the loop. One statement of many rows
-# steps once (benchmarks/README.md). 8 values a row: 250 rows stay under the 999 variables of
-# SQLite builds older than 3.32.
-ROWS_PER_INSERT = 124 if sqlite3.sqlite_version_info < (3, 32, 0) else 250
-_INSERTS: dict[int, str] = {}
-
-
-def _insert_sql(n: int) -> str:
-    """``insert or replace`` of ``n`` rows in one statement (the SQL made once per ``n``)."""
-    sql = _INSERTS.get(n)
-    if sql is None:
-        sql = _INSERTS[n] = "insert or replace into replies values " + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n)
-    return sql
 FLUSH_SECONDS = 1.0
 COMPRESS_OVER = 1024  # bytes of JSON
 VECTORS = b"\x00V1"  # blob tag of an embedding reply with float64 vectors (starts neither JSON nor zlib)
@@ -334,13 +318,10 @@ class RequestCache:
                 fut.set_result(None)
 
     def _write(self, buf: dict[str, tuple]) -> None:
-        rows = list(buf.values())
         c = self._conn()
         c.execute("begin immediate")
         try:
-            for i in range(0, len(rows), ROWS_PER_INSERT):
-                part = rows[i:i + ROWS_PER_INSERT]
-                c.execute(_insert_sql(len(part)), [v for row in part for v in row])
+            c.executemany("insert or replace into replies values (?, ?, ?, ?, ?, ?, ?, ?)", list(buf.values()))
         except BaseException:
             c.execute("rollback")
             raise
