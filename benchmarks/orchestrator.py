@@ -16,7 +16,8 @@ What one run measures, on the same endpoint:
    reach ``--min-bare`` req/s (default 4,000), or the machine is too busy to measure the
    orchestrator and the script stops (exit 1). The same client on ``/v1/embeddings`` with one
    input and with 32 inputs per request shows what the endpoint gives embeddings. The sweep's
-   best concurrency is measured again at the end, and the baseline is the mean of its two runs.
+   best concurrency is measured again between rounds and at the end, and the baseline is the
+   median of those runs and its first.
 2. **modelyard** (``flows.pipeline.run_pipeline`` in this process under Prefect's ephemeral API,
    as ``modelyard run`` does; an ``endpoints:`` model as a user writes it, with modelyard's default
    ``max_in_flight`` (96 for an external endpoint; ``--in-flight N`` sets it, e.g. to the bare
@@ -24,15 +25,19 @@ What one run measures, on the same endpoint:
    and on a one-stage embed pipeline, at two input sizes (default 20,000 and 100,000 rows of
    distinct texts). Each rate is **marginal**: (rows2 - rows1) / (time2 - time1), from the flow
    call to its committed output (the manifest, written last), so the fixed cost of a run (Prefect's flow and subflow runs, planning,
-   commit) cancels.
+   commit) cancels. This VM's speed drifts by 20-30 % within minutes, and a marginal rate is the
+   difference of two timed runs, so one pair moves a lot: the runs go in ``--rounds`` rounds
+   (default 3), each round every size and pipeline in turn with a new output (so a new request
+   cache), and each rate is the median of the rounds' marginal rates.
 3. **cached**: the ``choice`` pipelines again, unchanged, every request answered by the request
    cache (marginal too).
 4. **CPU time** of this process (all threads) during each run, and the marginal rows per
    CPU-second: what a row costs the orchestrator, which other load on a shared machine moves
    far less than wall time (printed beside the rates, not in the last line).
-5. **peak RSS** of this process (psutil, every 50 ms) during each modelyard run; every run of
-   the small size comes before any of the large one, so the ratio between the sizes' peaks
-   shows whether memory grows with the input.
+5. **peak RSS** of this process (psutil, every 50 ms) during each modelyard run; in the first
+   round every run of the small size comes before any of the large one, so the ratio between
+   the sizes' peaks in that round shows whether memory grows with the input (``peak_rss_mb``:
+   the highest of all runs).
 
 Prints a table of every measurement, then as the last line
 ``chat_rows_s=N chat_ratio_vs_bare=R embed_rows_s=N cached_rows_s=N peak_rss_mb=M``
@@ -40,7 +45,7 @@ Prints a table of every measurement, then as the last line
 asserts nothing about time. Targets (issue 12): R >= 0.8 and chat >= 4,000; embed >= 10,000;
 cached >= 20,000; RSS ratio <= 1.2.
 
-    make bench-orchestrator                            # 20,000 and 100,000 rows, about 6 minutes
+    make bench-orchestrator                            # 20,000 and 100,000 rows, 3 rounds, about 8 minutes
     .venv/bin/python benchmarks/orchestrator.py --quick  # 1,000 and 4,000 rows, CI smoke run
 """
 
@@ -248,6 +253,9 @@ def main() -> int:
                     "every worker gets its share of max_in_flight)")
     ap.add_argument("--heartbeats", action="store_true",
                     help="keep Prefect's flow run heartbeats on (their thread's join ends every run on a whole second)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of the modelyard runs, every size in each (default 3; 1 with --quick); rates are "
+                    "the medians of the rounds' marginal rates")
     ap.add_argument("--quick", action="store_true", help="CI smoke run: small inputs, one sweep point")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args()
@@ -255,6 +263,7 @@ def main() -> int:
     sweep = a.concurrency or ([64] if a.quick else [16, 32, 64])
     bare_n = a.bare_n or (3_000 if a.quick else 20_000)
     min_bare = a.min_bare if a.min_bare is not None else (0 if a.quick else 4_000)
+    rounds = max(1, a.rounds or (1 if a.quick else 3))
     only = set(a.only or ["chat", "cached", "embed"])
     if "cached" in only:
         only.add("chat")
@@ -294,20 +303,27 @@ def main() -> int:
         # untimed warm-up: Prefect's ephemeral API, imports, the first flow run's one-off costs
         warm = write_input(work / "warm.parquet", 2_000, start=20_000_000)
         C.run_flow(config(work / "warm.yaml", "chat", warm, work / "out-warm", url, in_flight, None))
-        got: dict[tuple[str, int], dict] = {}
-        for n in sizes:  # every small run before any large one (RSS)
-            data = write_input(work / f"in-{n}.parquet", n)
-            plan = [("chat", "chat", "label"), ("cached", "chat", "label"), ("embed", "embed", "embed")]
-            for what, kind, stage in plan:
-                if what not in only:
-                    continue
-                out = work / f"out-{kind}-{n}"
-                cfg = config(work / f"{kind}-{n}.yaml", kind, data, out, url, in_flight, a.batch_size)
-                r = got[(what, n)] = modelyard(cfg, out, stage, a.heartbeats)
-                note = f"{r['shards']} shards, in flight {shown}, {r['cached']} cached, {r['errors']} errors"
-                rows.append({"system": f"modelyard {what} {n} rows", **r, "note": note})
-                C.log(f"modelyard {what} {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s, {r['cpu']:.1f} CPU-s, "
-                      f"peak RSS {r['rss']:.0f} MB; {note})")
+        got: dict[tuple[str, int, int], dict] = {}
+        bares = [first[best]]
+        inputs = {n: write_input(work / f"in-{n}.parquet", n) for n in sizes}
+        plan = [("chat", "chat", "label"), ("cached", "chat", "label"), ("embed", "embed", "embed")]
+        for k in range(rounds):  # in each round every small run comes before any large one (RSS: round 1)
+            for n in sizes:
+                for what, kind, stage in plan:
+                    if what not in only:
+                        continue
+                    out = work / f"out-{kind}-{n}-{k}"  # a new output, so a new request cache, each round
+                    cfg = config(work / f"{kind}-{n}-{k}.yaml", kind, inputs[n], out, url, in_flight, a.batch_size)
+                    r = got[(what, n, k)] = modelyard(cfg, out, stage, a.heartbeats)
+                    note = f"{r['shards']} shards, in flight {shown}, {r['cached']} cached, {r['errors']} errors"
+                    rows.append({"system": f"modelyard {what} {n} rows" + (f", round {k + 1}" if rounds > 1 else ""),
+                                 **r, "note": note})
+                    C.log(f"modelyard {what} {n} (round {k + 1}): {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s, "
+                          f"{r['cpu']:.1f} CPU-s, peak RSS {r['rss']:.0f} MB; {note})")
+            if k < rounds - 1:  # the baseline again between rounds: the machine's speed drifts
+                r = bare(url, "chat", bare_n, best_c, loop=best_loop)
+                bares.append(r)
+                rows.append({"system": f"bare aiohttp chat c={best_c} {best_loop} (after round {k + 1})", **r})
         for workers in ((1, 2) if a.ray else ()):
             for n in sizes:
                 data = work / f"in-{n}.parquet"
@@ -315,26 +331,34 @@ def main() -> int:
                     write_input(data, n)
                 out = work / f"out-ray{workers}-{n}"
                 cfg = config(work / f"ray{workers}-{n}.yaml", "chat", data, out, url, in_flight, None, workers)
-                r = got[(f"ray{workers}", n)] = modelyard(cfg, out, "label", a.heartbeats)
+                r = got[(f"ray{workers}", n, 0)] = modelyard(cfg, out, "label", a.heartbeats)
                 rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), {n} rows", **r,
                              "note": f"{r['shards']} shards, in flight {shown} in all"})
                 C.log(f"modelyard chat on Ray ({workers}) {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s)")
         again = bare(url, "chat", bare_n, best_c, loop=best_loop)
+        bares.append(again)
         rows.append({"system": f"bare aiohttp chat c={best_c} {best_loop} (again)", **again})
-    bare_rate = statistics.mean([first[best]["req_s"], again["req_s"]])
-    rate = {w: marginal(got[(w, sizes[0])], got[(w, sizes[1])]) for w in ("chat", "cached", "embed") if w in only}
-    bare_cpu = statistics.mean([first[best]["rows"] / first[best]["cpu"], again["rows"] / again["cpu"]])
+    bare_rate = statistics.median(b["req_s"] for b in bares)
+    bare_cpu = statistics.median(b["rows"] / b["cpu"] for b in bares)
+    bare_each = " ".join(f"{b['req_s']:.0f}" for b in bares)
+
+    def per_round(w: str, key: str = "wall") -> list[float]:
+        return [marginal(got[(w, sizes[0], k)], got[(w, sizes[1], k)], key) for k in range(rounds)]
+
+    rate = {w: statistics.median(per_round(w)) for w in ("chat", "cached", "embed") if w in only}
     for w, v in rate.items():
-        per_cpu = marginal(got[(w, sizes[0])], got[(w, sizes[1])], "cpu")
-        per_loop = marginal(got[(w, sizes[0])], got[(w, sizes[1])], "loop") if got[(w, sizes[1])]["loop"] else 0
+        per_cpu = statistics.median(per_round(w, "cpu"))
+        per_loop = statistics.median(per_round(w, "loop")) if got[(w, sizes[1], 0)]["loop"] else 0
+        each = " ".join(f"{x:.0f}" for x in per_round(w))
         rows.append({"system": f"modelyard {w}, marginal {sizes[0]}->{sizes[1]}", "rows_s": v,
                      "note": f"{v / bare_rate:.3f} x bare; {per_cpu:.0f} rows/CPU-s, {per_cpu / bare_cpu:.3f} x bare; "
-                             f"{per_loop:.0f} rows/loop-CPU-s"})
+                             f"{per_loop:.0f} rows/loop-CPU-s" + (f"; rounds: {each}" if rounds > 1 else "")})
     for workers in ((1, 2) if a.ray else ()):
-        v = marginal(got[(f"ray{workers}", sizes[0])], got[(f"ray{workers}", sizes[1])])
+        v = marginal(got[(f"ray{workers}", sizes[0], 0)], got[(f"ray{workers}", sizes[1], 0)])
         rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), marginal {sizes[0]}->{sizes[1]}",
                      "rows_s": v, "note": f"{v / bare_rate:.3f} x bare (Ray's start cancels out)"})
-    peaks = {n: max(got[(w, n)]["rss"] for w in only) for n in sizes}
+    peaks = {n: max(got[(w, n, 0)]["rss"] for w in only) for n in sizes}
+    peak_all = max(r["rss"] for r in got.values())
     print(C.table([fmt(r) for r in rows], ["system", "rows", "wall_s", "cpu_s", "rows_s", "req_s", "rss_mb", "note"]))
     print("cpu_s: CPU time of this process (all its threads) during the run; rows per CPU-second is what a row "
           "costs the orchestrator, far less moved by other load on the machine than rows/s; rows per loop-CPU-s: "
@@ -344,14 +368,19 @@ def main() -> int:
                                                    "whole second after its start)") +
           f"; its dispatcher's event loop: {os.environ.get('MODELYARD_EVENT_LOOP', 'uvloop')}; its requests: "
           f"{os.environ.get('MODELYARD_HTTP', 'wire')} (MODELYARD_HTTP)")
-    print(f"bare baseline: c={best_c} on {best_loop}, mean of its first run and its run at the end: {bare_rate:.0f} req/s, "
-          f"{bare_cpu:.0f} requests per CPU-second of this process")
-    print(f"peak RSS (this process, psutil every 50 ms): {peaks[sizes[0]]:.0f} MB at {sizes[0]} rows, "
-          f"{peaks[sizes[1]]:.0f} MB at {sizes[1]} rows, ratio {peaks[sizes[1]] / peaks[sizes[0]]:.3f}")
+    print(f"bare baseline: c={best_c} on {best_loop}, median of its {len(bares)} runs (first, between rounds, at the end): "
+          f"{bare_rate:.0f} req/s ({bare_each}), {bare_cpu:.0f} requests per "
+          "CPU-second of this process")
+    if rounds > 1:
+        print(f"modelyard: {rounds} rounds, each every size in turn; a rate is the median of the rounds' marginal "
+              "rates (each from the two sizes of one round, minutes apart at most)")
+    print(f"peak RSS (this process, psutil every 50 ms), round 1: {peaks[sizes[0]]:.0f} MB at {sizes[0]} rows, "
+          f"{peaks[sizes[1]]:.0f} MB at {sizes[1]} rows, ratio {peaks[sizes[1]] / peaks[sizes[0]]:.3f}; "
+          f"the highest of all runs {peak_all:.0f} MB")
     print(f"load average at the end: {load()}")
     print(f"chat_rows_s={rate.get('chat', 0):.0f} chat_ratio_vs_bare={rate.get('chat', 0) / bare_rate:.3f} "
           f"embed_rows_s={rate.get('embed', 0):.0f} cached_rows_s={rate.get('cached', 0):.0f} "
-          f"peak_rss_mb={max(peaks.values()):.0f}")
+          f"peak_rss_mb={peak_all:.0f}")
     return 0
 
 
