@@ -16,6 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 COMPRESSION = "zstd"
+# The staging files of a job (input shards, shard results), each written once and read once
+# before the commit writes the output with ``output.compression``: snappy, which costs about half
+# of zstd's CPU per row each way (2,000 rows of a 384-float embedding: write 2.8 against 5.2 us a
+# row, read 2.7 against 5.4) for a file about a tenth larger.
+STAGING_COMPRESSION = "snappy"
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:

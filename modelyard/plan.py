@@ -80,7 +80,7 @@ class _ShardWriter:
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = tmp_name(path)
         with fs.open(tmp, "wb") as fh:
-            parquet.write_table(table, fh)
+            parquet.write_table(table, fh, parquet.STAGING_COMPRESSION)
         fs.mv(tmp, path)
         self.sizes.append(table.num_rows)
         self.pending, self.pending_rows = [], 0

@@ -112,7 +112,7 @@ def _write(staging: Staging, path: str, table: pa.Table) -> None:
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = tmp_name(path)
     with fs.open(tmp, "wb") as fh:
-        parquet.write_table(table, fh)
+        parquet.write_table(table, fh, parquet.STAGING_COMPRESSION)
     fs.mv(tmp, path)
 
 
