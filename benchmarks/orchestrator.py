@@ -45,7 +45,7 @@ Prints a table of every measurement, then as the last line
 asserts nothing about time. Targets (issue 12): R >= 0.8 and chat >= 4,000; embed >= 10,000;
 cached >= 20,000; RSS ratio <= 1.2.
 
-    make bench-orchestrator                            # 20,000 and 100,000 rows, 3 rounds, about 8 minutes
+    make bench-orchestrator                            # 20,000 and 100,000 rows, 3 rounds, about 4 minutes
     .venv/bin/python benchmarks/orchestrator.py --quick  # 1,000 and 4,000 rows, CI smoke run
 """
 
