@@ -326,11 +326,8 @@ def main() -> int:
                 rows.append({"system": f"bare aiohttp chat c={best_c} {best_loop} (after round {k + 1})", **r})
         for workers in ((1, 2) if a.ray else ()):
             for n in sizes:
-                data = work / f"in-{n}.parquet"
-                if not data.exists():
-                    write_input(data, n)
                 out = work / f"out-ray{workers}-{n}"
-                cfg = config(work / f"ray{workers}-{n}.yaml", "chat", data, out, url, in_flight, None, workers)
+                cfg = config(work / f"ray{workers}-{n}.yaml", "chat", inputs[n], out, url, in_flight, None, workers)
                 r = got[(f"ray{workers}", n, 0)] = modelyard(cfg, out, "label", a.heartbeats)
                 rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), {n} rows", **r,
                              "note": f"{r['shards']} shards, in flight {shown} in all"})

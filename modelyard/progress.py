@@ -18,7 +18,7 @@ class Every:
     """Whether to show progress now: the first time, then once ``seconds`` have passed since the
     last time shown, and always at the end. A Prefect progress artifact is one API call per update
     (35-40 ms of the flow's thread and of the API server here): at one update per shard, a run of
-    100,000 rows in 50 short shards spent about 2 s on them, as long as the run's commit."""
+    100,000 rows in 50 short shards spent about 2 s on them."""
 
     def __init__(self, seconds: float, clock=time.monotonic):
         self.seconds, self.clock, self.last = seconds, clock, None
