@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
 import sys
@@ -180,20 +179,14 @@ def bare(url: str, kind: str, n: int, concurrency: int, per_request: int = 1, en
 
 # -- modelyard --------------------------------------------------------------------------------
 
-def modelyard(cfg: Path, out: Path, stage: str, heartbeats: bool = False) -> dict:
+def modelyard(cfg: Path, out: Path, stage: str) -> dict:
     """One in-process flow run; wall time from the flow call to its committed output (the manifest,
     written last), peak RSS, the stage's counts.
 
-    Prefect's flow run heartbeats are off for these runs (``heartbeats=False``): Prefect 3.9 joins a
-    flow run's heartbeat thread as the run ends, and that thread sleeps in steps of one second from
-    the run's start, so every flow and subflow run ends on a whole second after it began, 0-1 s after
-    its work (measured: every run took N.08-N.17 s, and a marginal rate between two such times jumped
-    between 8,000 and 10,000 rows/s from one run to the next). It is a fixed cost of a run, not of a
-    row; ``--heartbeats`` keeps it. The flow's return is kept as ``returned``."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    beats = contextlib.nullcontext() if heartbeats else temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-    with C.RssSampler() as rss, beats:
+    Prefect's heartbeats are on, as in a user's run; modelyard's flows do not wait for their thread
+    as a run ends (``flows/heartbeats.py``; before that every run ended on a whole second after its
+    start, and this benchmark turned heartbeats off). The flow's return is kept as ``returned``."""
+    with C.RssSampler() as rss:
         c0, l0, t0, w0 = _cpu(), _thread_cpu(LOOP), time.perf_counter(), time.time()
         manifest = C.run_flow(cfg)
         returned, cpu, loop = time.perf_counter() - t0, _cpu() - c0, _thread_cpu(LOOP) - l0
@@ -251,8 +244,6 @@ def main() -> int:
     ap.add_argument("--ray", action="store_true",
                     help="also the chat pipeline on a local Ray cluster of 1 and of 2 workers (marginal rows/s; "
                     "every worker gets its share of max_in_flight)")
-    ap.add_argument("--heartbeats", action="store_true",
-                    help="keep Prefect's flow run heartbeats on (their thread's join ends every run on a whole second)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds of the modelyard runs, every size in each (default 3; 1 with --quick); rates are "
                     "the medians of the rounds' marginal rates")
@@ -314,7 +305,7 @@ def main() -> int:
                         continue
                     out = work / f"out-{kind}-{n}-{k}"  # a new output, so a new request cache, each round
                     cfg = config(work / f"{kind}-{n}-{k}.yaml", kind, inputs[n], out, url, in_flight, a.batch_size)
-                    r = got[(what, n, k)] = modelyard(cfg, out, stage, a.heartbeats)
+                    r = got[(what, n, k)] = modelyard(cfg, out, stage)
                     note = f"{r['shards']} shards, in flight {shown}, {r['cached']} cached, {r['errors']} errors"
                     rows.append({"system": f"modelyard {what} {n} rows" + (f", round {k + 1}" if rounds > 1 else ""),
                                  **r, "note": note})
@@ -328,7 +319,7 @@ def main() -> int:
             for n in sizes:
                 out = work / f"out-ray{workers}-{n}"
                 cfg = config(work / f"ray{workers}-{n}.yaml", "chat", inputs[n], out, url, in_flight, None, workers)
-                r = got[(f"ray{workers}", n, 0)] = modelyard(cfg, out, "label", a.heartbeats)
+                r = got[(f"ray{workers}", n, 0)] = modelyard(cfg, out, "label")
                 rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), {n} rows", **r,
                              "note": f"{r['shards']} shards, in flight {shown} in all"})
                 C.log(f"modelyard chat on Ray ({workers}) {n}: {r['rows_s']:.0f} rows/s ({r['wall']:.1f} s)")
@@ -361,9 +352,7 @@ def main() -> int:
           "costs the orchestrator, far less moved by other load on the machine than rows/s; rows per loop-CPU-s: "
           "per CPU-second of the dispatcher's event-loop thread alone, the one thread every row passes through")
     print("modelyard's wall time: from the flow call to its committed output (the manifest), Prefect's flow run "
-          "heartbeats " + ("on" if a.heartbeats else "off (--heartbeats: on; their thread's join ends each run on a "
-                                                   "whole second after its start)") +
-          f"; its dispatcher's event loop: {os.environ.get('MODELYARD_EVENT_LOOP', 'uvloop')}; its requests: "
+          f"heartbeats on; its dispatcher's event loop: {os.environ.get('MODELYARD_EVENT_LOOP', 'uvloop')}; its requests: "
           f"{os.environ.get('MODELYARD_HTTP', 'wire')} (MODELYARD_HTTP)")
     print(f"bare baseline: c={best_c} on {best_loop}, median of its {len(bares)} runs (first, between rounds, at the end): "
           f"{bare_rate:.0f} req/s ({bare_each}), {bare_cpu:.0f} requests per "

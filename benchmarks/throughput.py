@@ -333,7 +333,7 @@ def main() -> int:
                     peak_rss = max(peak_rss, rss.peak_mb)
                     # the measure: flow start to committed output, here the moment the
                     # manifest (written last, then moved into place) was written; after that
-                    # Prefect still finishes the flow run (its final state, the heartbeat's join)
+                    # Prefect still finishes the flow run (its final state)
                     wall = (work / f"out-inproc-{r}" / "_manifest.json").stat().st_mtime - t0
                     tokens, errors = manifest_tokens(manifest)
                     got[system] = res.add("modelyard (in-process)",
