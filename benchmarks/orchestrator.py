@@ -227,6 +227,13 @@ def marginal(small: dict, big: dict, key: str = "wall") -> float:
     return (big["rows"] - small["rows"]) / dt if dt > 0 else big["rows"] / big[key]
 
 
+def fixed_cost(small: dict, big: dict) -> float:
+    """Seconds of a run that no row accounts for (the line through both runs at 0 rows): Prefect's
+    flow and subflow runs, planning, the commit. A rough figure: a marginal rate off by 10 % moves it
+    by a tenth of the small run's row time."""
+    return small["wall"] - small["rows"] / marginal(small, big)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs=2, default=None, help="rows of the two inputs (default 20000 100000)")
@@ -338,9 +345,10 @@ def main() -> int:
         per_cpu = statistics.median(per_round(w, "cpu"))
         per_loop = statistics.median(per_round(w, "loop")) if got[(w, sizes[1], 0)]["loop"] else 0
         each = " ".join(f"{x:.0f}" for x in per_round(w))
+        fixed = statistics.median(fixed_cost(got[(w, sizes[0], k)], got[(w, sizes[1], k)]) for k in range(rounds))
         rows.append({"system": f"modelyard {w}, marginal {sizes[0]}->{sizes[1]}", "rows_s": v,
                      "note": f"{v / bare_rate:.3f} x bare; {per_cpu:.0f} rows/CPU-s, {per_cpu / bare_cpu:.3f} x bare; "
-                             f"{per_loop:.0f} rows/loop-CPU-s" + (f"; rounds: {each}" if rounds > 1 else "")})
+                             f"{per_loop:.0f} rows/loop-CPU-s; fixed {fixed:.2f} s a run" + (f"; rounds: {each}" if rounds > 1 else "")})
     for workers in ((1, 2) if a.ray else ()):
         v = marginal(got[(f"ray{workers}", sizes[0], 0)], got[(f"ray{workers}", sizes[1], 0)])
         rows.append({"system": f"modelyard chat on Ray, {workers} worker(s), marginal {sizes[0]}->{sizes[1]}",
