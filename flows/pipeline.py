@@ -12,7 +12,6 @@ import time
 from prefect import flow, get_run_logger, runtime
 from prefect.states import Cancelled
 
-from flows import heartbeats
 from modelyard import lifecycle, pipeline, telemetry
 from modelyard.cost import wave_gpu_seconds
 from modelyard.models import open_models
@@ -22,8 +21,6 @@ from tasks import ui
 from flows.shards import run_shards
 from tasks.runners import task_runner
 from tasks.shards import answer_from_cache, calibrate_cascades, commit_output, plan_shards
-
-heartbeats.install()  # the flow run returns when its work is done, not on the next whole second
 
 
 def _run_name() -> str:

@@ -12,13 +12,10 @@ from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
-from flows import heartbeats
 from modelyard.progress import Every
 from tasks import ui
 from tasks.runners import concurrent_workers
 from tasks.shards import process_shard
-
-heartbeats.install()
 
 PROGRESS_EVERY_S = 1.0  # the progress artifact's updates: at most one a second, and the last
 
