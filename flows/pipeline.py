@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger, runtime
 from prefect.states import Cancelled
 
 from modelyard import lifecycle, pipeline, telemetry
+from modelyard.charts import warm_up
 from modelyard.cost import wave_gpu_seconds
 from modelyard.models import open_models
 from modelyard.planner import plan_for, wave_models
@@ -55,6 +56,7 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     run_id = str(runtime.flow_run.id or "local")
     cfg = loaded.config
     job, start = None, None
+    stops: list = []  # the last wave's servers, stopping while the output is committed
     ui.tag_run(pipeline.run_tags(cfg))
     try:
         plan = plan_shards(prepared)  # before any server starts: input errors surface in seconds
@@ -108,8 +110,11 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                 stats = [hit[i] for i in ids]
                 continue
             lifecycle.check()  # a signal during the cache pass or an earlier wave: start nothing more
+            if any(cfg.models[m].managed for m in used):
+                warm_up()  # while the servers start: the report after the commit then draws at once
             up_since = time.time()
-            with open_models(loaded, only=used, gpus=gpus, wave=k, gpu_memory=gpu_memory) as (up, warnings):
+            with open_models(loaded, only=used, gpus=gpus, wave=k, gpu_memory=gpu_memory,
+                             stops=stops if last else None) as (up, warnings):
                 for w in warnings:
                     logger.warning(w)
                 pipeline.remember_models(loaded, up)
@@ -135,6 +140,9 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
         if lifecycle.cancelled():  # from Prefect's UI or API: the run ends Cancelled, not Failed
             return Cancelled(message=f"{lifecycle.STOPPING.reason}: nothing was committed; a re-run resumes")
         raise
+    finally:
+        for thread in stops:  # no server of the run outlives its flow run
+            thread.join()
     ui.publish_run(manifest)
     logger.info("committed %d rows to %s", manifest["rows"], manifest["output"]["uri"])
     return manifest

@@ -166,13 +166,13 @@ def prewarm(loaded, gpus: int | None, gpu_memory: float | None = None):
         return
     jobs = server_jobs(cfg, gpus, [n for n, m in cfg.models.items() if m.managed], 0, gpu_memory, loaded.base_dir)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelyard-prewarm")
-    future = pool.submit(start_servers, loaded, jobs)
+    future = pool.submit(start_servers, loaded, jobs, reserve=True)
     try:
         yield
     finally:
         try:
             for s in future.result()[0].values():
-                REGISTRY.release(s)
+                REGISTRY.unreserve(s)  # the flow claimed it (and stopped it as its last wave ended), or failed first
         except Exception:  # the flow has reported it already
             pass
         pool.shutdown(wait=False)

@@ -50,6 +50,7 @@ def home() -> Path:
 _GIVEN: set[int] = set()
 _GIVEN_LOCK = threading.Lock()
 PORT_CHECKS = 8  # /v1/models on fresh connections once healthy: another listener on the port is met
+HEALTH_POLL_S = 0.1  # a poll of a port not yet listening is one refused connect: a few microseconds
 
 
 def free_port() -> int:
@@ -88,9 +89,11 @@ class Server:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     refs: int = 0
+    reserved: int = 0  # of ``refs``, held by a command for the flow it runs (``Registry.claim``)
     healthy: bool = False  # answered /health since its last start
     attempts: int = 0  # starts tried
     failure: EngineError | None = None  # why the last start failed
+    signalled: bool = False  # told to stop since its last start
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stopping: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -101,7 +104,7 @@ class Server:
     def start(self, same_port: bool = False) -> None:
         if STOPPING.is_set():
             raise EngineError(f"vLLM server for {self.served_name} not started: {STOPPING.reason}")
-        self.healthy = False
+        self.healthy = self.signalled = False
         if not (same_port and self.port):
             if self.port:
                 release_port(self.port)
@@ -136,22 +139,26 @@ class Server:
         return f"{cause or 'its log names no error'} (log: {self.log_path})"
 
     def wait_healthy(self, timeout: float) -> None:
+        """Poll until /health answers 200. Until the port listens a poll is one refused connect; one
+        client serves every HTTP poll (each new httpx client builds an SSL context: 20 ms of CPU,
+        taken from the server's own start on a small machine)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if STOPPING.is_set():
-                self.stop()
-                raise EngineError(f"vLLM server for {self.served_name} not started: {STOPPING.reason}")
-            if self.proc.poll() is not None:
-                raise EngineError(f"the vLLM server for {self.served_name} did not start (exit code "
-                                  f"{self.proc.returncode}): {self.root_cause()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    self.healthy = True
-                    self._check_port()
-                    return telemetry.event("server-healthy", model=self.served_name, port=self.port)
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)  # a refused connection costs nothing; the run starts as soon as it can
+        with httpx.Client(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if STOPPING.is_set():
+                    self.stop()
+                    raise EngineError(f"vLLM server for {self.served_name} not started: {STOPPING.reason}")
+                if self.proc.poll() is not None:
+                    raise EngineError(f"the vLLM server for {self.served_name} did not start (exit code "
+                                      f"{self.proc.returncode}): {self.root_cause()}")
+                try:
+                    if self._listening() and client.get(f"http://127.0.0.1:{self.port}/health").status_code == 200:
+                        self.healthy = True
+                        self._check_port()
+                        return telemetry.event("server-healthy", model=self.served_name, port=self.port)
+                except httpx.TransportError:
+                    pass
+                time.sleep(HEALTH_POLL_S)
         self.stop()
         raise EngineError(f"the vLLM server for {self.served_name} was not healthy after {timeout:.0f} s "
                           f"(serve.startup_timeout): {self.root_cause()}")
@@ -161,20 +168,34 @@ class Server:
         each on a new connection (the kernel spreads connections over the listeners of a port). A
         port shared with another server stops this one and raises PortShared."""
         others: set[str] = set()
-        for _ in range(PORT_CHECKS):
-            try:
-                r = httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=5)
-                if r.status_code != 200:  # an API key in the server's own arguments, say: nothing learnt
-                    continue
-                served = {str(d.get("id")) for d in r.json().get("data", [])}
-            except (httpx.HTTPError, ValueError, AttributeError, TypeError):
-                continue  # not an answer about models: the health poll decides about the server itself
-            if self.served_name not in served:
+        fresh = httpx.Limits(max_keepalive_connections=0)  # each request on a connection of its own
+        with httpx.Client(timeout=5, limits=fresh) as client:
+            answers = [self._models(client) for _ in range(PORT_CHECKS)]
+        for served in answers:
+            if served is not None and self.served_name not in served:
                 others |= served or {"no model"}
         if others:
             self.stop()
             raise PortShared(f"the vLLM server for {self.served_name} shares port {self.port} with another "
                              f"server, which serves {', '.join(sorted(others))}; stopped it")
+
+    def _models(self, client: httpx.Client) -> set[str] | None:
+        """What the port says it serves (/v1/models); None when that is not an answer about models."""
+        try:
+            r = client.get(f"http://127.0.0.1:{self.port}/v1/models")
+            if r.status_code != 200:  # an API key in the server's own arguments, say: nothing learnt
+                return None
+            return {str(d.get("id")) for d in r.json().get("data", [])}
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+            return None  # not an answer about models: the health poll decides about the server itself
+
+    def _listening(self) -> bool:
+        """Something accepts connections on the port (vLLM binds it long before it listens)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -199,20 +220,25 @@ class Server:
                 continue
         return total
 
-    def stop(self, timeout: float = 10) -> None:
+    def stop(self, timeout: float = 10, wait: bool = True) -> None:
         """TERM the launcher (it stops vLLM's process group: TERM, then KILL after a few seconds; a
         server still starting is killed at once); if it does not end in ``timeout`` s, KILL everything
-        below it."""
+        below it. Without ``wait``, only tell it to stop; a later ``stop()`` waits for it. The
+        ``server-stop`` event is the moment it was told."""
         with self._stopping:
             if self.proc is None or self.proc.poll() is not None:
                 return
-            self.proc.send_signal(signal.SIGTERM if self.healthy else signal.SIGUSR1)
+            if not self.signalled:
+                self.proc.send_signal(signal.SIGTERM if self.healthy else signal.SIGUSR1)
+                self.signalled = True
+                telemetry.event("server-stop", model=self.served_name, port=self.port)
+            if not wait:
+                return
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self._kill_tree()
                 self.proc.wait()
-            telemetry.event("server-stop", model=self.served_name, port=self.port)
             log.info("stopped vLLM for %s on port %d", self.served_name, self.port)
 
     def _kill_tree(self) -> None:

@@ -187,8 +187,9 @@ class Registry:
         return (python, path, model.model, tuple(vllm_args(opts)), tuple(sorted(env.items())), replica)
 
     def acquire(self, name: str, model: ModelConfig, engine: EngineConfig, base_dir: Path, replica: int = 0,
-                placement=None) -> Server:
-        """A running server of the model (replica ``replica``, placed as ``placement`` says if given)."""
+                placement=None, reserve: bool = False) -> Server:
+        """A running server of the model (replica ``replica``, placed as ``placement`` says if given).
+        ``reserve``: the reference is held for a flow to come, which takes it over with ``claim``."""
         if STOPPING.is_set():
             raise EngineError(f"vLLM server for {model.model} not started: {STOPPING.reason}")
         key = self.spec(model, engine, base_dir, replica, placement)
@@ -222,14 +223,42 @@ class Registry:
                 except BaseException:
                     self.release(server)
                     raise
+            if reserve:  # before the server's lock is let go: a flow waiting on it finds the reservation
+                with self.lock:
+                    server.reserved += 1
         return server
 
-    def release(self, server: Server) -> None:
+    def claim(self, server: Server) -> None:
+        """A flow holds ``server`` now: a reference reserved for it (``acquire(reserve=True)``, the
+        command's early start) passes to the flow, whose release can then stop the server."""
+        with self.lock:
+            if server.reserved and server.refs > 1:
+                server.reserved -= 1
+                server.refs -= 1
+
+    def unreserve(self, server: Server) -> None:
+        """Drop a reservation no flow claimed (the run failed first, or never needed the server)."""
+        with self.lock:
+            if not server.reserved:
+                return
+            server.reserved -= 1
+        self.release(server)
+
+    def release(self, server: Server, wait: bool = True) -> threading.Thread | None:
+        """Drop a reference; the last one stops the server. Without ``wait`` the server is told to
+        stop at once and a thread, returned, waits for it: the caller goes on (a run's last servers
+        exit while it commits) and joins the thread before it is done."""
         with self.lock:
             server.refs -= 1
             if server.refs > 0:
-                return
-        server.stop()
+                return None
+        if wait:
+            server.stop()
+            return None
+        server.stop(wait=False)
+        thread = threading.Thread(target=server.stop, name=f"modelyard-stop-{server.port}", daemon=True)
+        thread.start()
+        return thread
 
     @contextmanager
     def failures_stick(self) -> Iterator[None]:

@@ -236,6 +236,40 @@ def _rerun_sends_only_the_unfinished(r: dict, servers, rows: int = 200, shard_ro
     assert sent == rows - r["done"] * shard_rows, (sent, r["done"])
 
 
+def test_the_commands_early_start_passes_to_the_flow_and_its_last_wave_lets_it_go(servers, prefect_harness, tmp_path):
+    """`modelyard run` starts its servers before Prefect starts (``prewarm``) and holds them for its
+    flow. The flow takes that reference over, so the end of its last wave is the servers' last
+    release: they stop while the output is committed, not after the flow has returned. Here the
+    session holds the tiny server too, so it runs on, and the references show who holds it; a
+    reservation no flow claims is dropped when the command ends."""
+    from flows.pipeline import run_pipeline
+    from modelyard import pipeline
+    from modelyard.cli import prewarm
+
+    tiny = servers["tiny"]
+    cfg = _sigterm_config(tmp_path, "handover", rows=40, shard_rows=20)
+    loaded = pipeline.load(str(cfg), {"date": "2026-11-27"}, None)
+    refs = tiny.refs
+
+    def reserved() -> None:
+        deadline = time.monotonic() + 60
+        while tiny.reserved == 0:  # the early start runs in a thread of the command
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (tiny.refs, tiny.reserved) == (refs + 1, 1)  # the session's server, found by its placement
+
+    before = requests_served(tiny)
+    with prewarm(loaded, None):
+        reserved()
+        m = run_pipeline(config=str(cfg), params={"date": "2026-11-27"})
+        assert (tiny.refs, tiny.reserved) == (refs, 0)  # the flow claimed the reference and released it
+    assert m["rows"] == 40 and requests_served(tiny) - before == 40
+    assert tiny.refs == refs and tiny.alive()
+    with prewarm(loaded, None):  # a command whose flow never ran: its reservation goes with it
+        reserved()
+    assert (tiny.refs, tiny.reserved) == (refs, 0) and tiny.alive()
+
+
 def test_sigterm_while_the_servers_start(servers, prefect_harness, tmp_path):
     def ready(log, staging, seen):
         return any("api_server" in cmd for _, cmd in seen.values())

@@ -331,6 +331,11 @@ def test_stages_run_in_gpu_waves_when_the_models_do_not_fit_together(servers, pr
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wave 1 of 2 (embed): every shard finished in an earlier attempt" in r.stderr
     assert "starting vLLM for builtin:minilm" not in r.stderr  # wave 1 was not redone
+    # the last wave's servers were told to stop before the commit (its manifest holds the moment),
+    # and the command waited for them to exit before it returned
+    events = json.loads((out / "_manifest.json").read_text())["telemetry"]["events"]
+    assert {e["model"] for e in events if e["kind"] == "server-stop"} == {"builtin:tiny-llama", "builtin:small-llama"}
+    assert "stopped vLLM for builtin:tiny-llama" in r.stderr and "stopped vLLM for builtin:small-llama" in r.stderr
 
     a = ds.dataset(tmp_path / "local", format="parquet").to_table()
     b = ds.dataset(out, format="parquet").to_table()

@@ -53,3 +53,42 @@ def test_a_port_another_server_answers_on_is_found_and_the_server_stopped(server
         assert ours.healthy
     finally:
         ours.proc.kill()
+
+
+def test_the_last_release_without_waiting_tells_the_server_at_once_and_a_thread_waits_for_it(caplog):
+    """A run's last servers stop while it commits: ``release(wait=False)`` sends the stop before it
+    returns (the ``server-stop`` event is that moment, so the manifest written next holds it) and
+    hands back a thread that waits for the exit. A reference still held elsewhere (another flow, the
+    test session) keeps the server running: no thread then. The process is a real one that traps
+    SIGTERM and takes half a second to exit, as vLLM's API server does."""
+    import logging
+    import time
+
+    from modelyard import telemetry
+    from modelyard.serving import Registry
+
+    ours = S.Server(python="python", path="-", served_name="stand-in", args=(), env=(), port=1)
+    ours.proc = subprocess.Popen(["bash", "-c", "trap 'sleep 0.5; exit 0' TERM; while :; do sleep 0.05; done"])
+    ours.healthy = True
+    time.sleep(0.3)  # the trap is set
+    registry = Registry()
+    ours.refs = 2
+    try:
+        assert registry.release(ours, wait=False) is None  # one reference left: it runs on
+        assert ours.alive() and not ours.signalled
+        t0 = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="modelyard"):
+            thread = registry.release(ours, wait=False)
+            returned = time.monotonic() - t0
+            assert thread is not None and ours.signalled
+            stops = [e for e in telemetry.RECORDER.events if e["kind"] == "server-stop" and e["model"] == "stand-in"]
+            assert len(stops) == 1 and stops[0]["time"] >= time.time() - 5
+            assert returned < 0.4 and ours.alive()  # told, not waited for: the trap sleeps 0.5 s
+            thread.join(timeout=15)
+        assert not thread.is_alive() and ours.proc.returncode == 0  # it exited by itself, on the TERM
+        assert "stopped vLLM for stand-in on port 1" in caplog.text
+        ours.stop()  # stopping again is a no-op: no second event
+        assert len([e for e in telemetry.RECORDER.events if e["kind"] == "server-stop" and e["model"] == "stand-in"]) == 1
+    finally:
+        if ours.proc.poll() is None:
+            ours.proc.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import threading
 from typing import Any
 
 from fsspec.core import url_to_fs
@@ -20,12 +21,39 @@ from modelyard.errors import UserError
 
 log = logging.getLogger("modelyard")
 _LAST: dict[str, Any] = {}  # the images of the last report drawn at a commit, for its Prefect artifact
+_WARMING: list[threading.Thread] = []
+
+
+def warm_up() -> None:
+    """Load the drawing stack in a thread of its own, once per process: matplotlib's import and a
+    first figure take about half a second here, which a run otherwise pays after its commit. The
+    flow calls this when it is about to wait for its servers to start."""
+    if _WARMING:
+        return
+
+    def load() -> None:
+        try:
+            import pyarrow as pa
+
+            from modelyard.charts.draw import warm
+            from modelyard.charts.scan import numbers
+
+            numbers(pa.array([0.0]))  # pyarrow's to_numpy imports pandas, a quarter of a second here
+            warm()
+        except Exception as e:  # noqa: BLE001 - the report draws (or warns) at the commit as before
+            log.debug("charts: warm-up failed: %s", e)
+
+    _WARMING.append(threading.Thread(target=load, name="modelyard-charts-warm-up", daemon=True))
+    _WARMING[0].start()
 
 
 def render(sources: list[Source]) -> tuple[str, dict[str, Any], dict[str, bytes]]:
     """(title, chart data, PNG per chart id) for one output or several partitions."""
     from modelyard.charts.data import build
     from modelyard.charts.draw import png
+
+    for thread in _WARMING:  # one thread draws at a time: no first figure of two threads at once
+        thread.join()
 
     report = build(sources)
     images = {c["id"]: png(c) for c in report["charts"]}
