@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger, runtime
+from prefect.context import FlowRunContext
 from prefect.states import Cancelled
 
 from modelyard import lifecycle, pipeline, telemetry
@@ -33,6 +34,14 @@ def _run_name() -> str:
     return f"{job}-{date}"
 
 
+def _deployed() -> bool:
+    """Whether this flow run belongs to a deployment, read from the run's context. Prefect 3.9's
+    ``runtime.deployment.id`` looks for the id on the context itself, not on its flow run, so it
+    asks the API for the flow run every time (two round trips of a run's fixed cost)."""
+    ctx = FlowRunContext.get()
+    return ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id is not None
+
+
 @flow(name="modelyard-pipeline", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int | None = None,
                  output: str | None = None, retry_truncated: bool = False, timezone: str = "UTC",
@@ -46,10 +55,10 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
     SIGTERM (a cancel from Prefect, a worker or Kubernetes stopping it) stops its servers at once.
     """
     started = time.time()
+    deployed = _deployed()
     # a deployment's flow process ends itself if unwinding takes more than a few seconds
-    lifecycle.watch(deadline=runtime.deployment.id is not None)
-    lifecycle.flow_run_started(runtime.flow_run.id and str(runtime.flow_run.id),
-                               supervised=runtime.deployment.id is not None)
+    lifecycle.watch(deadline=deployed)
+    lifecycle.flow_run_started(runtime.flow_run.id and str(runtime.flow_run.id), supervised=deployed)
     logger = get_run_logger()
     loaded = pipeline.load(config, params, output, runtime.flow_run.scheduled_start_time, timezone)
     prepared = pipeline.prepare(loaded, limit)

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from modelyard.config import LoadedConfig, ModelConfig
+from modelyard import sync_http
 from modelyard.errors import EngineError
 from modelyard.planner import Placement
 from modelyard.serving import REGISTRY, Server, engine_python, resolve_model
@@ -36,7 +37,7 @@ def _headers(m: ModelConfig) -> dict[str, str]:
 def probe(name: str, m: ModelConfig, endpoints: list[str], served_name: str, revision: str) -> tuple[ModelRuntime, list[str]]:
     """Ask the endpoints about the model; returns the runtime and warnings for unreachable ones."""
     warnings, version, dims, reached = [], "unknown", None, False
-    with httpx.Client(timeout=10) as client:  # one client: each new one builds an SSL context (20 ms of CPU)
+    with sync_http.client(timeout=10) as client:
         for url in endpoints:
             base = url.rstrip("/")
             try:

@@ -19,7 +19,6 @@ from urllib.parse import urlparse
 
 import attr
 import fsspec
-import httpx
 import pyarrow as pa
 import yaml
 from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
@@ -28,7 +27,7 @@ from openlineage.client.facet_v2 import (RunFacet, column_lineage_dataset, error
                                          processing_engine_run, schema_dataset)
 from openlineage.client.serde import Serde
 
-from modelyard import __version__
+from modelyard import __version__, sync_http
 from modelyard.config import OpenLineageConfig
 from modelyard.staging import Staging, write_bytes_atomic
 from modelyard.templates import variables_of
@@ -234,7 +233,7 @@ def post(events: list[dict], url: str) -> None:
     key = os.environ.get("OPENLINEAGE_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with httpx.Client(timeout=10, headers=headers) as client:
+        with sync_http.client(timeout=10, headers=headers) as client:
             for ev in events:
                 r = client.post(target, json=ev)
                 if r.status_code >= 400:

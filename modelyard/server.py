@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from modelyard import telemetry
+from modelyard import sync_http, telemetry
 from modelyard.errors import EngineError
 from modelyard.server_log import first_error
 
@@ -140,10 +140,9 @@ class Server:
 
     def wait_healthy(self, timeout: float) -> None:
         """Poll until /health answers 200. Until the port listens a poll is one refused connect; one
-        client serves every HTTP poll (each new httpx client builds an SSL context: 20 ms of CPU,
-        taken from the server's own start on a small machine)."""
+        client serves every HTTP poll."""
         deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2) as client:
+        with sync_http.client(timeout=2) as client:
             while time.monotonic() < deadline:
                 if STOPPING.is_set():
                     self.stop()
@@ -169,7 +168,7 @@ class Server:
         port shared with another server stops this one and raises PortShared."""
         others: set[str] = set()
         fresh = httpx.Limits(max_keepalive_connections=0)  # each request on a connection of its own
-        with httpx.Client(timeout=5, limits=fresh) as client:
+        with sync_http.client(timeout=5, limits=fresh) as client:
             answers = [self._models(client) for _ in range(PORT_CHECKS)]
         for served in answers:
             if served is not None and self.served_name not in served:

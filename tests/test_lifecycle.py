@@ -83,3 +83,25 @@ def test_a_shard_in_flight_at_a_sigterm_ends_without_waiting_for_its_requests():
     assert message == "shard stopped: the run received SIGTERM", (r.stdout, r.stderr)
     assert seen == "['cancelled']"
     assert float(took) < 2
+
+
+def test_a_deployments_flow_run_is_known_as_one_from_its_context_as_prefect_knows_it(prefect_harness):
+    """The pipeline reads whether its run belongs to a deployment (a deadline on unwinding, the worker
+    delivers cancels) from the run's context, not from ``runtime.deployment.id``, which asks the API.
+    Both answers, for a real flow run created from a deployment and for a plain call."""
+    from prefect import flow, runtime
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.pipeline import _deployed
+
+    @flow(name="modelyard-deployed-probe")
+    def probe() -> tuple[bool, bool]:
+        return _deployed(), runtime.deployment.id is not None
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("modelyard-deployed-probe")
+        deployment_id = client.create_deployment(flow_id=flow_id, name="probe")
+        flow_run = client.create_flow_run_from_deployment(deployment_id)
+    assert run_flow(probe, flow_run=flow_run) == (True, True)
+    assert probe() == (False, False)
