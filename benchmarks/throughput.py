@@ -153,7 +153,10 @@ def run_raw(url: str, served: str, prompts: list[str], max_tokens: int, concurre
 
 
 def run_batch(work: Path, model_path: str, prompts: list[str], max_tokens: int) -> dict:
-    """vLLM's own offline batch runner on the same requests, engine start included."""
+    """vLLM's own offline batch runner on the same requests, engine start included, in the environment
+    modelyard gives a managed server."""
+    from modelyard.serving import engine_env
+
     inp, out = work / "batch-in.jsonl", work / "batch-out.jsonl"
     with inp.open("w") as fh:
         for i, p in enumerate(prompts):
@@ -163,7 +166,7 @@ def run_batch(work: Path, model_path: str, prompts: list[str], max_tokens: int) 
            "--model", model_path, "--served-model-name", C.TINY, "--max-model-len", str(MAX_MODEL_LEN),
            "--max-num-seqs", str(MAX_NUM_SEQS)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VIRTUAL_ENV"))}
-    env.update({**C.KV_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
+    env.update({**engine_env(str(C.ENGINE_PYTHON)), **C.KV_ENV, "HF_HUB_OFFLINE": "1"})  # a managed server's
     wall, rc, _ = C.run_subprocess(cmd, env=env, log_path=work / "run-batch.log")
     if rc != 0:
         raise RuntimeError(f"run_batch exited {rc}: {(work / 'run-batch.log').read_text()[-2000:]}")

@@ -119,8 +119,9 @@ def run_pipeline(config: str, params: dict[str, str] | None = None, limit: int |
                 stats = [hit[i] for i in ids]
                 continue
             lifecycle.check()  # a signal during the cache pass or an earlier wave: start nothing more
-            if any(cfg.models[m].managed for m in used):
-                warm_up()  # while the servers start: the report after the commit then draws at once
+            if any(cfg.models[m].managed for m in used):  # while the servers start:
+                pipeline.load_lineage_client(cfg)  # the START event then goes out at once,
+                warm_up()  # and the report after the commit draws at once
             up_since = time.time()
             with open_models(loaded, only=used, gpus=gpus, wave=k, gpu_memory=gpu_memory,
                              stops=stops if last else None) as (up, warnings):

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import importlib
 import logging
 import os
 import posixpath
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +23,7 @@ from modelyard.charts import write_report
 from modelyard.commit import merge, swap_in, target_uri, write_manifest
 from fsspec.core import url_to_fs
 
-from modelyard.config import LoadedConfig, load_config
+from modelyard.config import LoadedConfig, PipelineConfig, load_config
 from modelyard.cost import run_cost
 from modelyard.failpoints import failpoint
 from modelyard.plan import Plan, build_plan, input_files
@@ -222,6 +225,16 @@ def lineage_head(p: Prepared, job: Job, run_id: str) -> dict[str, Any]:
 def job_lineage_log(p: Prepared) -> tuple:
     """Every run's events, committed or failed, also go to <output parent>/_modelyard/<name>/openlineage.jsonl."""
     return p.staging.fs, posixpath.join(posixpath.dirname(p.staging.root), "openlineage.jsonl")
+
+
+def load_lineage_client(cfg: PipelineConfig) -> None:
+    """Import the OpenLineage client in a thread of its own, if the run emits lineage. The import takes
+    0.2 s of CPU here, 0.4 s beside a starting server; the flow calls this before it waits for its
+    servers, so that ``lineage_start`` does not pay it between their start and the first request.
+    Python's import lock makes an early ``lineage_start`` wait for the import under way."""
+    if cfg.lineage.openlineage.transport != "none" and "modelyard.openlineage" not in sys.modules:
+        threading.Thread(target=importlib.import_module, args=("modelyard.openlineage",),
+                         name="modelyard-lineage-import", daemon=True).start()
 
 
 def lineage_start(p: Prepared, job: Job, run_id: str, nominal_time: str | None) -> dict:

