@@ -233,8 +233,14 @@ def load_lineage_client(cfg: PipelineConfig) -> None:
     servers, so that ``lineage_start`` does not pay it between their start and the first request.
     Python's import lock makes an early ``lineage_start`` wait for the import under way."""
     if cfg.lineage.openlineage.transport != "none" and "modelyard.openlineage" not in sys.modules:
-        threading.Thread(target=importlib.import_module, args=("modelyard.openlineage",),
-                         name="modelyard-lineage-import", daemon=True).start()
+        threading.Thread(target=_import_lineage, name="modelyard-lineage-import", daemon=True).start()
+
+
+def _import_lineage() -> None:
+    try:
+        importlib.import_module("modelyard.openlineage")
+    except Exception as e:  # noqa: BLE001 - lineage_start imports it again and says what is wrong
+        log.debug("lineage: the early import failed: %s", e)
 
 
 def lineage_start(p: Prepared, job: Job, run_id: str, nominal_time: str | None) -> dict:

@@ -335,3 +335,34 @@ def test_http_errors_only_warn(lineage_server, caplog):
     with caplog.at_level(logging.WARNING, logger="modelyard"):
         emit(events(), OpenLineageConfig(transport="http", url=f"http://127.0.0.1:{port}"))
     assert "could not send 2 OpenLineage event(s)" in caplog.text
+
+
+EARLY_IMPORT = """
+import sys, threading
+from modelyard.config import PipelineConfig
+from modelyard import pipeline
+
+cfg = PipelineConfig.model_validate({"name": "j", "input": {"uri": "in.parquet", "key": "id"}, "models": {"m": {"model": "builtin:tiny-llama"}},
+                    "stages": [{"name": "s", "model": "m", "prompt": "{{ text }}", "output": "out"}],
+                    "output": {"uri": "out"}, "lineage": {"openlineage": {"transport": sys.argv[1]}}})
+assert "modelyard.openlineage" not in sys.modules
+pipeline.load_lineage_client(cfg)
+started = [t for t in threading.enumerate() if t.name == "modelyard-lineage-import"]
+for t in started:
+    t.join(60)
+print("modelyard.openlineage" in sys.modules, len(started))
+"""
+
+
+@pytest.mark.parametrize("transport, expected", [("file", "True 1"), ("none", "False 0")])
+def test_the_lineage_client_is_imported_in_the_background_only_when_lineage_is_on(transport, expected):
+    """The flow imports the OpenLineage client while its servers start (0.2-0.4 s that lineage_start
+    paid between their health and the first request), in a fresh interpreter here."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", EARLY_IMPORT, transport], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected, out.stdout
