@@ -213,15 +213,19 @@ cache: {{enabled: false}}
 
     before = set(REGISTRY.servers)
     killed: list[int] = []
+    seen: list[tuple] = []  # the killer's readings: (seconds, {port: requests served}), for a failure's message
 
     def killer():
-        deadline = time.monotonic() + 600
+        t0 = deadline = time.monotonic()
+        deadline += 600
         while time.monotonic() < deadline:
             # kill one replica once both have finished requests (by their own counters): under load
             # one replica can be slower to take its first batch, and a count of rows done overall
             # would then kill a replica that has served nothing yet
             mine = [s for k, s in REGISTRY.servers.items() if k not in before and s.alive()]
-            if len(mine) == 2 and all(_served_or_zero(s) >= 20 for s in mine):
+            served = {s.port: _served_or_zero(s) for s in mine}
+            seen.append((round(time.monotonic() - t0, 1), served))
+            if len(mine) == 2 and all(n >= 20 for n in served.values()):
                 killed.append(kill_vllm(mine[1]))
                 return
             time.sleep(0.2)
@@ -229,11 +233,12 @@ cache: {{enabled: false}}
     TRACKER.reset([], 0, 0)
     threading.Thread(target=killer, daemon=True).start()
     m = run_pipeline(config=str(cfg))
-    assert killed, "both replicas never served 20 requests each"
     table = ds.dataset(tmp_path / "out", format="parquet").to_table()
-    assert table.num_rows == ROWS and m["stages"]["gen"]["errors"] == 0
     endpoints = [lin["gen"]["endpoint"] for lin in table.column("_lineage").to_pylist()]
     counts = {e: endpoints.count(e) for e in set(endpoints)}
+    assert killed, f"both replicas never served 20 requests each: rows by endpoint {counts}; the killer's last " \
+                   f"readings {[r for r in seen if r[1]][-5:]} of {len(seen)}"
+    assert table.num_rows == ROWS and m["stages"]["gen"]["errors"] == 0
     assert len(counts) == 2 and min(counts.values()) >= 20, counts  # both replicas served rows
     assert m["models"]["tiny"]["revision"]
     # the surviving replica was told to stop as the last shard ended, before the commit (the
