@@ -127,9 +127,11 @@ def engine_is_cpu(python: str) -> bool:
 CPU_ENGINE_ENV = {"VLLM_USE_AOT_COMPILE": "0"}
 
 
-def engine_env(python: str) -> dict[str, str]:
-    """The environment modelyard gives every vLLM process it starts, before the config's ``env``."""
-    return {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **(CPU_ENGINE_ENV if engine_is_cpu(python) else {})}
+def engine_env(python: str, cpu: bool | None = None) -> dict[str, str]:
+    """The environment modelyard gives every vLLM process it starts, before the config's ``env``.
+    ``cpu``: ``engine_is_cpu(python)``, if the caller has it already."""
+    cpu = engine_is_cpu(python) if cpu is None else cpu
+    return {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **(CPU_ENGINE_ENV if cpu else {})}
 
 
 def local_revision(folder: Path) -> str:
@@ -175,6 +177,7 @@ class Registry:
         """The registry key of a server: Python, model path and id, vLLM arguments, environment, replica.
         ``placement`` (a planner ``Placement``) adds its memory share and its devices."""
         python = engine_python(engine, base_dir)
+        cpu = engine_is_cpu(python)
         path, _ = resolve_model(model.model, python)
         serve = model.serve
         opts: dict = {}
@@ -182,7 +185,7 @@ class Registry:
             opts.update({k: getattr(serve, k) for k in ("max_model_len", "max_num_seqs", "dtype",
                                                         "tensor_parallel_size", "gpu_memory_utilization")})
         if placement is not None:
-            opts.update(placement.vllm_options(engine_is_cpu(python)))
+            opts.update(placement.vllm_options(cpu))
         if model.revision and not Path(path).is_dir():
             opts["revision"] = model.revision
         if model.task == "embed":
@@ -192,7 +195,7 @@ class Registry:
             opts["structured_outputs_config.disable_any_whitespace"] = "true"
         opts["disable_uvicorn_access_log"] = True
         opts.update(serve.args if serve else {})
-        env = {**engine_env(python), **engine.env, **(serve.env if serve else {})}
+        env = {**engine_env(python, cpu), **engine.env, **(serve.env if serve else {})}
         if Path(path).is_dir():
             env.setdefault("HF_HUB_OFFLINE", "1")
         if placement is not None and placement.cuda_visible_devices is not None:
