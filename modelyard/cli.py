@@ -32,6 +32,9 @@ def prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    from modelyard import prefect_logging
+
+    prefect_logging.install()  # no cancellation tracebacks from the temporary API server's shutdown
 
 
 @app.callback()
