@@ -27,8 +27,9 @@ Fairness. Systems 1 and 2 share one server (a fresh one per measurement gave +-5
 servers, more than the gap being measured); before each measurement the server's prefix cache
 is emptied (``/reset_prefix_cache``, dev mode), or a system sending prompts the server has
 already seen would skip their prefill (+45 % here). Section 3 alternates run-batch and
-``modelyard run`` for ``--start-rounds`` rounds, each with its own engine start. Nothing else
-runs meanwhile (2 cores).
+``modelyard run`` for ``--start-rounds`` rounds (default 4), each with its own engine start.
+Four, because on today's engine one round of each takes 40-45 s and single rounds' ratios spread
+0.915-1.004: the median of two could not tell 0.95 from 0.92. Nothing else runs meanwhile (2 cores).
 
 Prints a table (medians of each system's runs), then as the last line
 ``ratio_vs_raw=R1 ratio_vs_run_batch=R2 peak_rss_mb=M``: R1 is the median over the pairs of
@@ -38,7 +39,7 @@ runs because this VM's speed drifts by up to 30 % within minutes, which moves bo
 such a ratio alike; the ratio over all pairs' time (raw) and of the medians (run-batch) are
 printed too. Exits 0 if it ran; it asserts nothing about time.
 
-    .venv/bin/python benchmarks/throughput.py            # 2000 prompts, about 22 minutes
+    .venv/bin/python benchmarks/throughput.py            # 2000 prompts, about 13 minutes here
     .venv/bin/python benchmarks/throughput.py --quick    # a few dozen prompts, CI smoke run
 """
 
@@ -261,7 +262,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None,
                     help="pairs of modelyard and the raw client at its best concurrency (default 4; 1 with --quick)")
     ap.add_argument("--start-rounds", type=int, default=None,
-                    help="turns of run-batch and modelyard run, engine start included (default 2; 1 with --quick)")
+                    help="turns of run-batch and modelyard run, engine start included (default 4; 1 with --quick)")
     ap.add_argument("--in-flight", type=int, default=None,
                     help="modelyard's requests in flight (default: what it gives a managed model with max_num_seqs 64)")
     ap.add_argument("--shard-rows", type=int, default=None, help="pipeline shard_rows (default: the config default)")
@@ -276,7 +277,7 @@ def main() -> int:
     n = a.n or (48 if a.quick else 2000)
     sweep = a.concurrency or ([64] if a.quick else [64, 96, 128])
     rounds = a.rounds or (1 if a.quick else 4)
-    start_rounds = a.start_rounds or (1 if a.quick else 2)
+    start_rounds = a.start_rounds or (1 if a.quick else 4)
     in_flight = a.in_flight or ModelConfig.model_validate(managed_model()).in_flight
     prompts = C.make_prompts(n)
     res = Results(n)
