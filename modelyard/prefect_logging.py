@@ -15,7 +15,6 @@ is left as it is.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import importlib.util
 import logging
@@ -37,6 +36,8 @@ class ServerShutdownNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.active or not record.exc_info:
             return True
+        import asyncio  # here: the command imports this module before it needs asyncio
+
         return not isinstance(record.exc_info[1], asyncio.CancelledError)
 
 
