@@ -65,7 +65,16 @@ def test_readme_pipeline_runs_with_its_two_managed_models_side_by_side(servers, 
     served = {n: requests_served(s) - before[n] for n, s in servers.items()}
     table = ds.dataset(tmp_path / "out", format="parquet").to_table()
     assert table.num_rows == manifest["rows"] == 300
-    assert served["embedder"] >= 300 // 32 and served["tiny"] >= 300  # both servers answered this run
+    # both servers answered this run: every request not answered by the cache reached its server. The
+    # tickets repeat bodies (167 of 300 distinct), so a repeat whose twin had already been answered
+    # comes from the request cache, as many as the timing allows (seen: 295 of 300 sent to tiny).
+    lineage = table.column("_lineage").to_pylist()
+    asked = {st: sum(1 for lin in lineage if not (lin[st]["cached"] or lin[st]["skipped"] or lin[st]["error"]))
+             for st in ("embed", "classify", "extract")}
+    distinct = len({json.loads(line)["body"] for line in (ROOT / "configs/data/tickets.jsonl").open()})
+    assert asked["classify"] >= distinct and asked["embed"] >= 1, (asked, distinct)
+    assert served["tiny"] >= asked["classify"] + asked["extract"], (served, asked)
+    assert served["embedder"] >= -(-asked["embed"] // 32), (served, asked)  # batches of 32
     assert set(table.column("label").to_pylist()) - {None} <= {"billing", "bug", "feature", "other"}
     assert all(e is not None and len(e) == 384 for e in table.column("embedding").to_pylist())
     print(f"README pipeline: {time.perf_counter() - t0:.1f} s")
