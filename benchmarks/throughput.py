@@ -378,6 +378,11 @@ def main() -> int:
             notes.append(f"modelyard run / run-batch round by round: {' '.join(f'{x:.3f}' for x in ratios_rb)}; "
                          f"ratio of the medians "
                          f"{res.median('modelyard run (like for like)') / res.median('vllm run-batch'):.3f}")
+            # what a run costs beyond the engine, in seconds: the same whatever the number of prompts
+            extra = [mine["wall"] - theirs["wall"] for mine, theirs in zip(res.runs["modelyard run (like for like)"],
+                                                                           res.runs["vllm run-batch"])]
+            notes.append(f"modelyard run - run-batch, seconds, round by round: {' '.join(f'{x:+.1f}' for x in extra)}; "
+                         f"median {statistics.median(extra):+.1f} s")
     print(C.table(res.rows(), ["system", "runs", "req_s", "range", "wall_s", "tok_s", "errors", "prefix_hit", "note"]))
     print(f"{n} prompts of {a.max_tokens} tokens; req_s, wall_s, tok_s: medians of the runs; prefix_hit: the highest "
           f"prefix-cache hit rate of a run (the cache is emptied before each); best raw concurrency: {best_c}")
