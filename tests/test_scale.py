@@ -246,6 +246,11 @@ cache: {{enabled: false}}
     stops = [e for e in m["telemetry"]["events"] if e["kind"] == "server-stop"]
     assert stops and all(e["model"] == "builtin:tiny-llama" for e in stops), m["telemetry"]["events"]
     assert [s for k, s in REGISTRY.servers.items() if k not in before and s.alive()] == []
+    # each replica's engine computed on a core of its own (vLLM binds every CPU engine to core 0)
+    from modelyard.serving import replica_cores
+
+    binds = sorted(dict(k[4]).get("VLLM_CPU_OMP_THREADS_BIND") for k in REGISTRY.servers if k not in before)
+    assert binds == sorted([replica_cores(0), replica_cores(1)]) == ["0", "1"], binds
 
 
 def test_every_replica_gone_fails_the_run_naming_the_model_then_a_rerun_resumes(prefect_harness, tmp_path,
