@@ -24,6 +24,7 @@ from modelyard.server_log import first_error
 
 log = logging.getLogger("modelyard")
 PACKAGE = Path(__file__).resolve().parent
+SERVER_MAIN = PACKAGE / "_vllm_server.py"  # vLLM's OpenAI-compatible server, see that file
 
 
 class _Stopping(threading.Event):
@@ -112,8 +113,8 @@ class Server:
         logs = home() / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"{self.served_name.replace('/', '_').replace(':', '_')}-{self.port}.log"
-        cmd = [self.python, str(PACKAGE / "_launcher.py"), str(os.getpid()), "--", self.python, "-m",
-               "vllm.entrypoints.openai.api_server", "--model", self.path, "--served-model-name", self.served_name,
+        cmd = [self.python, str(PACKAGE / "_launcher.py"), str(os.getpid()), "--", self.python, str(SERVER_MAIN),
+               "--model", self.path, "--served-model-name", self.served_name,
                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VIRTUAL_ENV"))}
         env.update(self.env)

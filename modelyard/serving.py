@@ -1,7 +1,7 @@
 """Managed vLLM servers: started with the engine environment's Python, watched, stopped.
 
-A server is started as ``python -m vllm.entrypoints.openai.api_server`` (no shell) on a free
-loopback port, behind ``_launcher.py`` so that it dies with this process even after a SIGKILL.
+A server is started as ``python _vllm_server.py`` (vLLM's OpenAI-compatible server; no shell) on a
+free loopback port, behind ``_launcher.py`` so that it dies with this process even after a SIGKILL.
 The process-wide ``REGISTRY`` shares a running server between runs of this process that ask for
 the same model, options and placement (a test session starts each server once). A server that
 fails to start is reported by the first error of its log (vLLM's worker says why; the log's

@@ -133,7 +133,7 @@ def vllm_process(server):
     import psutil
 
     launcher = psutil.Process(server.proc.pid)
-    (api,) = [p for p in launcher.children() if "api_server" in " ".join(p.cmdline())]
+    (api,) = [p for p in launcher.children() if "_vllm_server.py" in " ".join(p.cmdline())]
     return api
 
 

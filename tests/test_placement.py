@@ -281,7 +281,7 @@ def test_the_commands_early_start_passes_to_the_flow_and_its_last_wave_lets_it_g
 
 def test_sigterm_while_the_servers_start(servers, prefect_harness, tmp_path):
     def ready(log, staging, seen):
-        return any("api_server" in cmd for _, cmd in seen.values())
+        return any("_vllm_server.py" in cmd for _, cmd in seen.values())
 
     r = _sigterm(tmp_path, "sigterm-starting", ready)
     _check_stopped(r)
@@ -329,7 +329,7 @@ def test_after_a_sigkill_nothing_the_run_started_outlives_it(tmp_path):
     def started(word: str) -> bool:
         return any(word in c and "--guard" not in c for _, c in seen.values())
 
-    while not (started("vllm.entrypoints.openai.api_server") and started("-m uvicorn")):  # Prefect's API too
+    while not (started("_vllm_server.py") and started("-m uvicorn")):  # Prefect's API too
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
         seen.update(_descendants(proc.pid))
         time.sleep(0.1)

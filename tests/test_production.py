@@ -257,7 +257,7 @@ def test_a_deployment_run_cancelled_through_the_api_ends_cancelled_with_its_serv
         seen: dict[int, tuple[float, str]] = {}
         deadline = time.monotonic() + 300
         with get_client(sync_client=True) as client:
-            while not any("api_server" in cmd for _, cmd in seen.values()):
+            while not any("_vllm_server.py" in cmd for _, cmd in seen.values()):
                 fr = client.read_flow_run(run.id)
                 assert time.monotonic() < deadline and not fr.state.is_final(), fr.state
                 pid = int(str(fr.infrastructure_pid).rsplit(":", 1)[-1]) if fr.infrastructure_pid else None
@@ -323,7 +323,7 @@ def test_a_cli_run_cancelled_through_the_api_ends_cancelled_with_its_servers_sto
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # noqa: SIM115
     seen: dict = {}
     deadline = time.monotonic() + 300
-    while not ("Beginning flow run" in log.read_text() and any("api_server" in c for _, c in seen.values())):
+    while not ("Beginning flow run" in log.read_text() and any("_vllm_server.py" in c for _, c in seen.values())):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         seen.update(_descendants(proc.pid))
         time.sleep(0.1)

@@ -120,7 +120,7 @@ def test_cpu_servers_compile_their_model_once_and_a_config_can_say_otherwise(ser
     for s in servers.values():
         assert ("VLLM_USE_AOT_COMPILE", "0") in s.env
         tree = psutil.Process(s.proc.pid).children(recursive=True)
-        api = [p for p in tree if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
+        api = [p for p in tree if "_vllm_server.py" in " ".join(p.cmdline())]
         assert api and api[0].environ().get("VLLM_USE_AOT_COMPILE") == "0"
         log = s.log_path.read_text(errors="replace")
         last_start = log[log.rindex("non-default args"):]
@@ -128,3 +128,27 @@ def test_cpu_servers_compile_their_model_once_and_a_config_can_say_otherwise(ser
     name, model = next(iter(demo_config.config.models.items()))
     engine = EngineConfig.model_validate({**demo_config.config.engine.model_dump(), "env": {"VLLM_USE_AOT_COMPILE": "1"}})
     assert ("VLLM_USE_AOT_COMPILE", "1") in REGISTRY.spec(model, engine, demo_config.base_dir)[4]
+
+
+@pytest.mark.engine
+def test_the_engine_core_and_worker_do_not_import_the_http_server_again(servers):
+    """vLLM's CPU build spawns its engine core and its worker, and a spawned process imports its
+    parent's main module again. Run as ``python -m vllm.entrypoints.openai.api_server`` that was the
+    whole HTTP server, in each of them, before the model loaded. Started from ``_vllm_server.py``, only
+    the server process itself loads the HTTP stack: uvicorn's file watcher (watchfiles, a compiled
+    extension, so its mapping shows in /proc) is mapped by the API server process and by no process
+    vLLM spawned. The session's real servers are looked at."""
+    import psutil
+
+    from tests.conftest import vllm_process
+
+    def loads_watchfiles(p: psutil.Process) -> bool:
+        return any("watchfiles" in m.path for m in p.memory_maps())
+
+    for s in servers.values():
+        api = vllm_process(s)
+        assert api.cmdline()[1] == str(S.SERVER_MAIN), api.cmdline()
+        assert loads_watchfiles(api), "the API server process no longer loads watchfiles: pick another marker"
+        spawned = [p for p in api.children(recursive=True) if p.name().startswith("VLLM::")]
+        assert {p.name() for p in spawned} >= {"VLLM::EngineCore", "VLLM::Worker"}, [p.name() for p in spawned]
+        assert not [p.name() for p in spawned if loads_watchfiles(p)]
