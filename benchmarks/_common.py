@@ -188,6 +188,25 @@ def is_engine_process(p) -> bool:
             or str(ENGINE_PYTHON.parent) in cmd)
 
 
+def cpu_seconds(exclude=is_engine_process) -> float:
+    """CPU seconds (user + system) so far of this process and its living descendants (Prefect's
+    API subprocess), without the processes ``exclude`` names (vLLM's): what the orchestrator has
+    taken from a machine it shares with the engine."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            if p.pid != me.pid and exclude(p):
+                continue
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 @contextlib.contextmanager
 def prefect_ephemeral(home: Path):
     """An in-process Prefect with its own ephemeral API on a fresh database in ``home``."""

@@ -32,9 +32,14 @@ Four, because on today's engine one round of each takes 40-45 s and single round
 0.915-1.004: the median of two could not tell 0.95 from 0.92. Nothing else runs meanwhile (2 cores).
 
 Prints a table (medians of each system's runs), then as the last line
-``ratio_vs_raw=R1 ratio_vs_run_batch=R2 peak_rss_mb=M``: R1 is the median over the pairs of
-modelyard's req/s / the raw client's req/s, R2 the median over rounds of ``modelyard run``
-req/s / run-batch req/s (higher is better for modelyard). Ratios are taken between neighbouring
+``ratio_vs_raw=R1 ratio_vs_run_batch=R2 peak_rss_mb=M cpu_ratio_vs_raw=R3``: R1 is the median
+over the pairs of modelyard's req/s / the raw client's req/s, R2 the median over rounds of
+``modelyard run`` req/s / run-batch req/s (higher is better for modelyard). R3 is the median over
+the pairs of the orchestrator's CPU seconds, modelyard's / the raw client's (this process and
+Prefect's API subprocess, vLLM's processes excluded; lower is better). On this 2-core machine
+vLLM's API server, engine core and worker take both cores (about 1.99 of 2 in a 20,000-prompt
+run), so every CPU second of the client is taken from the engine; unlike R1, R3 does not move
+with the machine's speed. Ratios are taken between neighbouring
 runs because this VM's speed drifts by up to 30 % within minutes, which moves both sides of
 such a ratio alike; the ratio over all pairs' time (raw) and of the medians (run-batch) are
 printed too. Exits 0 if it ran; it asserts nothing about time.
@@ -244,9 +249,11 @@ class Results:
         for system, runs in self.runs.items():
             rps = [x["rps"] for x in runs]
             hits = [x["prefix_hit"] for x in runs if "prefix_hit" in x]
+            cpus = [x["cpu_s"] for x in runs if "cpu_s" in x]
             out.append({"system": system, "runs": len(runs), "req_s": f"{self.median(system):.2f}",
                         "range": f"{min(rps):.2f}-{max(rps):.2f}",
                         "wall_s": f"{statistics.median(x['wall'] for x in runs):.1f}",
+                        "cpu_s": f"{statistics.median(cpus):.1f}" if cpus else "-",
                         "tok_s": f"{statistics.median(x['tokens'] / x['wall'] for x in runs):.0f}",
                         "errors": sum(x["errors"] for x in runs),
                         "prefix_hit": f"{max(hits):.1%}" if hits else "-", "note": self.notes[system]})
@@ -311,8 +318,10 @@ def main() -> int:
                                            "prefix_hit": cache.hit_rate()}, "httpx.AsyncClient, not in the ceiling")
             for c in sweep:
                 cache.reset()
-                res.add(f"raw aiohttp c={c}", {**run_raw(url, served, prompts, a.max_tokens, c),
-                                               "prefix_hit": cache.hit_rate()}, "asyncio workers, fixed concurrency")
+                cpu0 = C.cpu_seconds()
+                raw = run_raw(url, served, prompts, a.max_tokens, c)
+                res.add(f"raw aiohttp c={c}", {**raw, "prefix_hit": cache.hit_rate(), "cpu_s": C.cpu_seconds() - cpu0},
+                        "asyncio workers, fixed concurrency")
             best_c = max(sweep, key=lambda c: res.median(f"raw aiohttp c={c}"))
             best = f"raw aiohttp c={best_c}"
             C.log(f"best raw concurrency: {best_c}")
@@ -320,13 +329,19 @@ def main() -> int:
             # alternating (raw first, then modelyard first, ...) so that a steady drift of the
             # machine's speed favours neither
             pairs: list[tuple[float, float]] = []
+            cpu_pairs: list[tuple[float, float]] = []
             for r in range(rounds):
                 got: dict[str, float] = {}
+                cpu: dict[str, float] = {}
                 for system in (["raw", "modelyard"] if r % 2 == 0 else ["modelyard", "raw"]):
                     cache.reset()
+                    cpu0 = C.cpu_seconds()
                     if system == "raw":
-                        got[system] = res.add(best, {**run_raw(url, served, prompts, a.max_tokens, best_c),
-                                                     "prefix_hit": cache.hit_rate()})
+                        with C.RssSampler():  # its polling costs the same CPU on both sides of the pair
+                            raw = run_raw(url, served, prompts, a.max_tokens, best_c)
+                        got[system] = res.add(best, {**raw, "prefix_hit": cache.hit_rate(),
+                                                     "cpu_s": C.cpu_seconds() - cpu0})
+                        cpu[system] = res.runs[best][-1]["cpu_s"]
                         continue
                     cfg = pipeline_config(work / f"inproc-{r}.yaml", "bench-throughput", data,
                                           work / f"out-inproc-{r}", ext, a.max_tokens, a.shard_rows)
@@ -334,6 +349,7 @@ def main() -> int:
                         t0 = time.time()
                         manifest = C.run_flow(cfg)
                         returned = time.time() - t0
+                    cpu[system] = C.cpu_seconds() - cpu0
                     peak_rss = max(peak_rss, rss.peak_mb)
                     # the issue's measure: flow start to committed output, here the moment the
                     # manifest (written last, then moved into place) was written; after that
@@ -342,15 +358,20 @@ def main() -> int:
                     tokens, errors = manifest_tokens(manifest)
                     got[system] = res.add("modelyard (in-process)",
                                           {"wall": wall, "returned": returned, "tokens": tokens, "errors": errors,
-                                           "prefix_hit": cache.hit_rate()},
+                                           "prefix_hit": cache.hit_rate(), "cpu_s": cpu[system]},
                                           f"flow call to commit; {manifest['input']['shards']} shard(s), "
                                           f"in flight {in_flight}")
                 pairs.append((got["modelyard"], got["raw"]))
+                cpu_pairs.append((cpu["modelyard"], cpu["raw"]))
         ratios_raw = [m / r for m, r in pairs]
         ratio_raw = statistics.median(ratios_raw)
+        ratio_cpu = statistics.median(m / r for m, r in cpu_pairs)
         my_runs = res.runs["modelyard (in-process)"]
         notes = [f"modelyard / raw c={best_c}, pair by pair: {' '.join(f'{x:.3f}' for x in ratios_raw)}; "
                  f"all pairs' time, raw over modelyard: {sum(n / r for _, r in pairs) / sum(n / m for m, _ in pairs):.3f}",
+                 f"orchestrator CPU seconds per run (this process and Prefect's API subprocess; vLLM's "
+                 f"processes excluded), modelyard / raw client, pair by pair: "
+                 f"{' '.join(f'{m:.1f}/{r:.1f}' for m, r in cpu_pairs)}",
                  f"modelyard from the flow call to its return (Prefect finishing the flow run): median "
                  f"{statistics.median(n / r['returned'] for r in my_runs):.2f} req/s"]
         ratio_rb = float("nan")
@@ -383,13 +404,16 @@ def main() -> int:
                                                                            res.runs["vllm run-batch"])]
             notes.append(f"modelyard run - run-batch, seconds, round by round: {' '.join(f'{x:+.1f}' for x in extra)}; "
                          f"median {statistics.median(extra):+.1f} s")
-    print(C.table(res.rows(), ["system", "runs", "req_s", "range", "wall_s", "tok_s", "errors", "prefix_hit", "note"]))
-    print(f"{n} prompts of {a.max_tokens} tokens; req_s, wall_s, tok_s: medians of the runs; prefix_hit: the highest "
+    print(C.table(res.rows(), ["system", "runs", "req_s", "range", "wall_s", "cpu_s", "tok_s", "errors", "prefix_hit", "note"]))
+    print(f"{n} prompts of {a.max_tokens} tokens; req_s, wall_s, cpu_s (the orchestrator's), tok_s: medians of the runs; prefix_hit: the highest "
           f"prefix-cache hit rate of a run (the cache is emptied before each); best raw concurrency: {best_c}")
     print("\n".join(notes))
     print("ratios below: the medians of the pair-by-pair (raw) and round-by-round (run-batch) ratios")
     print("peak RSS: psutil sampling (50 ms) of the orchestrator process during the in-process modelyard runs")
-    print(f"ratio_vs_raw={ratio_raw:.3f} ratio_vs_run_batch={ratio_rb:.3f} peak_rss_mb={peak_rss:.0f}")
+    print("cpu_ratio_vs_raw: the median over the pairs of the orchestrator's CPU seconds, modelyard's over the raw "
+          "client's (lower is better: on a CPU server every second of it is taken from the engine)")
+    print(f"ratio_vs_raw={ratio_raw:.3f} ratio_vs_run_batch={ratio_rb:.3f} peak_rss_mb={peak_rss:.0f} "
+          f"cpu_ratio_vs_raw={ratio_cpu:.3f}")
     return 0
 
 

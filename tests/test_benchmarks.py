@@ -18,7 +18,8 @@ pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 LAST_LINES = {
-    "throughput.py": rf"ratio_vs_raw={NUMBER} ratio_vs_run_batch={NUMBER} peak_rss_mb={NUMBER}",
+    "throughput.py": rf"ratio_vs_raw={NUMBER} ratio_vs_run_batch={NUMBER} peak_rss_mb={NUMBER} "
+                     rf"cpu_ratio_vs_raw={NUMBER}",
     "memory.py": rf"rows=([0-9]+) peak_rss_mb={NUMBER} rss_ratio_vs_100k={NUMBER}",
     "overlap.py": rf"overlap_ratio={NUMBER}",
     "orchestrator.py": rf"chat_rows_s={NUMBER} chat_ratio_vs_bare={NUMBER} embed_rows_s={NUMBER} "
