@@ -127,6 +127,26 @@ def managed_servers(models: dict[str, dict], base_dir: Path, env: dict | None = 
                 s.stop()
 
 
+def processes(root, tree: bool = False, exclude=None):
+    """``root`` (a psutil.Process) and, with ``tree``, its living descendants, without those
+    ``exclude`` names (and those gone meanwhile)."""
+    import psutil
+
+    procs = [root]
+    if tree:
+        try:
+            procs += root.children(recursive=True)
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            if exclude and exclude(p):
+                continue
+        except psutil.Error:
+            continue
+        yield p
+
+
 class RssSampler:
     """Peak RSS by psutil polling: this process alone, or a process tree with a filter."""
 
@@ -142,17 +162,9 @@ class RssSampler:
     def sample(self) -> int:
         import psutil
 
-        procs = [self.proc]
-        if self.tree:
-            try:
-                procs += self.proc.children(recursive=True)
-            except psutil.Error:
-                pass
         total = 0
-        for p in procs:
+        for p in processes(self.proc, self.tree, self.exclude):
             try:
-                if self.exclude and self.exclude(p):
-                    continue
                 total += p.memory_info().rss
             except psutil.Error:
                 pass
@@ -194,12 +206,9 @@ def cpu_seconds(exclude=is_engine_process) -> float:
     taken from a machine it shares with the engine."""
     import psutil
 
-    me = psutil.Process()
     total = 0.0
-    for p in [me, *me.children(recursive=True)]:
+    for p in processes(psutil.Process(), True, exclude):
         try:
-            if p.pid != me.pid and exclude(p):
-                continue
             t = p.cpu_times()
             total += t.user + t.system
         except psutil.Error:

@@ -339,9 +339,8 @@ def main() -> int:
                     if system == "raw":
                         with C.RssSampler():  # its polling costs the same CPU on both sides of the pair
                             raw = run_raw(url, served, prompts, a.max_tokens, best_c)
-                        got[system] = res.add(best, {**raw, "prefix_hit": cache.hit_rate(),
-                                                     "cpu_s": C.cpu_seconds() - cpu0})
-                        cpu[system] = res.runs[best][-1]["cpu_s"]
+                        cpu[system] = C.cpu_seconds() - cpu0
+                        got[system] = res.add(best, {**raw, "prefix_hit": cache.hit_rate(), "cpu_s": cpu[system]})
                         continue
                     cfg = pipeline_config(work / f"inproc-{r}.yaml", "bench-throughput", data,
                                           work / f"out-inproc-{r}", ext, a.max_tokens, a.shard_rows)
